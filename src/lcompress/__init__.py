@@ -1,0 +1,49 @@
+"""lcompress: neural network compression by the Learning-Compression (LC) algorithm.
+
+>>> import lcompress as lc
+>>> alg = lc.LC(model, {"fc1.weight": lc.AdaptiveQuantization(k=2)})   # doctest: +SKIP
+"""
+from .algorithm import LC, clip_lr
+from .compressions import (
+    AdaptiveQuantization,
+    AdditiveCombination,
+    BinaryQuantization,
+    Compression,
+    ConstraintL0Pruning,
+    ConstraintL1Pruning,
+    FixedAssignmentQuantization,
+    LowRank,
+    NotCompressedError,
+    PenaltyL0Pruning,
+    PenaltyL1Pruning,
+    PowersOfTwoQuantization,
+    RankSelection,
+    ScaledBinaryQuantization,
+    ScaledTernaryQuantization,
+    TernaryQuantization,
+)
+from .schedules import geometric
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "LC",
+    "clip_lr",
+    "geometric",
+    "Compression",
+    "NotCompressedError",
+    "AdaptiveQuantization",
+    "BinaryQuantization",
+    "ScaledBinaryQuantization",
+    "TernaryQuantization",
+    "ScaledTernaryQuantization",
+    "PowersOfTwoQuantization",
+    "FixedAssignmentQuantization",
+    "ConstraintL0Pruning",
+    "ConstraintL1Pruning",
+    "PenaltyL0Pruning",
+    "PenaltyL1Pruning",
+    "LowRank",
+    "RankSelection",
+    "AdditiveCombination",
+]

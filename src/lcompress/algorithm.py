@@ -1,0 +1,397 @@
+"""The LC algorithm: Θ and λ kept beside the user's model; the L step stays the user's own training loop."""
+from __future__ import annotations
+
+import logging
+import math
+from contextlib import contextmanager
+from typing import Any, Callable, Iterable, Iterator, Mapping
+
+import torch
+from torch import Tensor, nn
+
+from .compressions.base import Compression
+from .sizes import dense_bits
+from .tasks import Task, resolve_tasks, unwrap_model
+
+__all__ = ["LC", "clip_lr"]
+
+logger = logging.getLogger(__name__)
+
+STATE_FORMAT = "lcompress.LC"
+STATE_VERSION = 1
+
+
+def clip_lr(lr: float, mu: float) -> float:
+    """min(lr, 1/μ): the paper's learning-rate cap for SGD in the L step, so the penalty's curvature μ does not
+    make the step unstable."""
+    if mu <= 0:
+        raise ValueError(f"mu={mu} must be > 0")
+    return min(lr, 1.0 / mu)
+
+
+def _check_mu(mu: Any, where: str) -> float:
+    if isinstance(mu, Tensor):
+        mu = float(mu)
+    if isinstance(mu, bool) or not isinstance(mu, (int, float)):
+        raise TypeError(f"{where}: mu={mu!r} must be a real number")
+    mu = float(mu)
+    if not (mu > 0 and math.isfinite(mu)):
+        raise ValueError(f"{where}: mu={mu} must be a finite number > 0")
+    return mu
+
+
+class _Penalty(torch.autograd.Function):
+    """μ/2 Σ_p ‖w_p − t_p‖² in one autograd node, with fused multi-tensor (foreach) kernels.
+
+    One node instead of a chain of per-parameter ops keeps the penalty's cost flat in the number of layers.
+    The difference is recomputed in backward rather than saved, to avoid holding a copy of the weights.
+    """
+
+    @staticmethod
+    def forward(ctx, mu: float, targets: list[Tensor], *params: Tensor) -> Tensor:
+        diffs = torch._foreach_sub(params, targets)
+        norms = torch._foreach_norm(diffs)
+        ctx.mu = mu
+        ctx.targets = targets
+        ctx.save_for_backward(*params)
+        return torch.stack(norms).square().sum() * (0.5 * mu)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        params = ctx.saved_tensors
+        diffs = torch._foreach_sub(params, ctx.targets)
+        torch._foreach_mul_(diffs, grad * ctx.mu)
+        return (None, None, *diffs)
+
+
+class LC:
+    """The Learning-Compression algorithm over a model and a task map.
+
+    Solves min_w L(w) s.t. w = Δ(Θ) by alternating, over an increasing sequence of μ,
+
+    * the **L step**: the user's own training on L(w) + :meth:`penalty` (μ/2‖w − Δ(Θ) − λ/μ‖²), and
+    * the **C step** (:meth:`c_step`): Θ ← Π(w − λ/μ), the exact best compression, then λ ← λ − μ(w − Δ(Θ)).
+
+    Construction runs direct compression (μ → 0⁺): Θ = Π(w), λ = 0. Model parameters are never replaced, so the
+    user's optimizer keeps working on the same tensors.
+
+    Args:
+        model: the model to compress (a DistributedDataParallel or ``torch.compile`` wrapper is accepted; task
+            keys use the unwrapped names).
+        tasks: ``{key: Compression}``; a key is a parameter name, a tuple of names (one joint task), or
+            ``"re:<pattern>"`` (each matching parameter its own task), see :mod:`lcompress.tasks`.
+        multipliers: keep Lagrange multipliers λ (augmented Lagrangian); ``False`` gives the quadratic-penalty
+            method (λ = 0 throughout).
+
+    Raises:
+        TypeError, ValueError: bad keys or compressions, with the task named (see :func:`resolve_tasks`).
+
+    Example::
+
+        alg = lc.LC(model, {"fc1.weight": lc.AdaptiveQuantization(k=2)})
+        for mu in lc.geometric(1e-3, 1.5, 30):
+            for x, y in loader:
+                loss = F.cross_entropy(model(x), y) + alg.penalty(mu)
+                opt.zero_grad(); loss.backward(); opt.step()
+            alg.c_step(mu)
+    """
+
+    def __init__(self, model: nn.Module, tasks: Mapping[Any, Compression], multipliers: bool = True) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if not isinstance(multipliers, bool):
+            raise TypeError(f"multipliers={multipliers!r} must be True or False")
+        self.wrapped_model = model
+        self.model = unwrap_model(model)
+        self.tasks: list[Task] = resolve_tasks(self.model, tasks)
+        self.multipliers = multipliers
+        self._params: list[nn.Parameter] = [p for t in self.tasks for p in t.params]
+        self._names: list[str] = [n for t in self.tasks for n in t.param_names]
+        self._deltas: list[Tensor] = [torch.zeros_like(p, requires_grad=False) for p in self._params]
+        self._lambdas: list[Tensor] | None = (
+            [torch.zeros_like(p, requires_grad=False) for p in self._params] if multipliers else None
+        )
+        self._targets: list[Tensor] | None = None
+        self._targets_mu: float | None = None
+        self.mu: float | None = None  # μ of the last C step (None: only direct compression so far)
+        self.step = 0  # number of C steps taken after direct compression
+        self._c_step(0.0, update_multipliers=False)
+        logger.info("direct compression done: %s", self._size_line())
+
+    # ---- the two steps ------------------------------------------------------------------------------------
+    def penalty(self, mu: float) -> Tensor:
+        """μ/2 ‖w − Δ(Θ) − λ/μ‖² summed over every task: add it to the L step's loss.
+
+        Differentiable in the model's parameters (one fused autograd node); a 0-d tensor on the weights' device.
+
+        Raises:
+            ValueError: μ ≤ 0 or not finite.
+        """
+        if mu != self._targets_mu:
+            mu = _check_mu(mu, "penalty")
+            if self._lambdas is None:
+                targets = self._deltas
+            else:
+                # t = Δ + λ/μ, formed once per μ rather than per batch
+                targets = torch._foreach_add(self._deltas, self._lambdas, alpha=1.0 / mu)
+            self._targets, self._targets_mu = targets, mu
+        return _Penalty.apply(mu, self._targets, *self._params)
+
+    def c_step(self, mu: float) -> None:
+        """The C step at μ: Θ ← Π(w − λ/μ) for every task, then λ ← λ − μ(w − Δ(Θ)).
+
+        μ is expected to increase from call to call; a smaller μ than the last one is allowed but logged as a
+        warning. On any error the LC state is left as it was (the model's weights are never touched here).
+
+        Raises:
+            ValueError: μ ≤ 0, or NaN/Inf in a task's weights (the task is named).
+        """
+        mu = _check_mu(mu, "c_step")
+        if self.mu is not None and mu < self.mu:
+            logger.warning("c_step: mu=%g is smaller than the previous mu=%g (mu should increase)", mu, self.mu)
+        self._c_step(mu, update_multipliers=self.multipliers)
+
+    @torch.no_grad()
+    def _c_step(self, mu: float, update_multipliers: bool) -> None:
+        ws = [p.detach() for p in self._params]
+        if self._lambdas is not None and mu > 0:
+            shifted = torch._foreach_add(ws, self._lambdas, alpha=-1.0 / mu)
+        else:
+            shifted = ws
+        inputs, o = [], 0
+        for t in self.tasks:
+            k = len(t.params)
+            x = t.gather(shifted[o : o + k])
+            o += k
+            if not bool(torch.isfinite(x).all()):
+                raise ValueError(
+                    f"c_step: task {t.name!r} has NaN or Inf in its weights"
+                    + (" or multipliers" if self._lambdas is not None else "")
+                    + " (did the L step diverge? try a smaller learning rate, e.g. lc.clip_lr(lr, mu))"
+                )
+            inputs.append(x)
+        saved = [t.compression.state_dict() for t in self.tasks]
+        try:
+            new = []
+            for t, x in zip(self.tasks, inputs):
+                out = t.compression.compress(x, mu)
+                new.extend(d.to(p.dtype).contiguous() for d, p in zip(t.scatter(out), t.params))
+        except Exception:
+            for t, s in zip(self.tasks, saved):
+                t.compression.load_state_dict(s)
+            raise
+        self._deltas = new
+        if update_multipliers:
+            # λ ← λ − μ (w − Δ)
+            torch._foreach_add_(self._lambdas, torch._foreach_sub(ws, new), alpha=-mu)
+        self._targets = self._targets_mu = None
+        if mu > 0:
+            self.mu = mu
+            self.step += 1
+
+    # ---- looking at the result ----------------------------------------------------------------------------
+    @contextmanager
+    def compressed(self) -> Iterator[nn.Module]:
+        """Temporarily put Δ(Θ) into the model's parameters (in place); the weights are restored on exit.
+
+        >>> with alg.compressed():      # doctest: +SKIP
+        ...     test_error = evaluate(model)
+        """
+        backup = [p.detach().clone() for p in self._params]
+        try:
+            with torch.no_grad():
+                for p, d in zip(self._params, self._deltas):
+                    p.copy_(d)
+            yield self.wrapped_model
+        finally:
+            with torch.no_grad():
+                for p, b in zip(self._params, backup):
+                    p.copy_(b)
+
+    def decompressed(self) -> dict[str, Tensor]:
+        """Δ(Θ) per compressed parameter name (the tensors the model holds inside :meth:`compressed`)."""
+        return dict(zip(self._names, self._deltas))
+
+    @property
+    def lambdas(self) -> dict[str, Tensor] | None:
+        """λ per compressed parameter name (None for the quadratic-penalty method)."""
+        return None if self._lambdas is None else dict(zip(self._names, self._lambdas))
+
+    @torch.no_grad()
+    def feasibility(self) -> dict[str, float]:
+        """‖w − Δ(Θ)‖ per task and in total (key ``"total"``): how far the weights are from compressed."""
+        sq = torch.stack(torch._foreach_norm(torch._foreach_sub([p.detach() for p in self._params], self._deltas)))
+        sq = (sq.float() ** 2).tolist()
+        res, o = {}, 0
+        for t in self.tasks:
+            k = len(t.params)
+            res[t.name] = math.sqrt(sum(sq[o : o + k]))
+            o += k
+        res["total"] = math.sqrt(sum(sq))
+        return res
+
+    def size_report(self) -> dict[str, Any]:
+        """What a compressed file stores, in bits (see :mod:`lcompress.sizes`).
+
+        Returns:
+            dict with ``reference_bits`` (every parameter and persistent buffer at its dtype),
+            ``compressed_bits`` (tasks at their compressed size plus everything else at its dtype),
+            ``ratio`` = reference / compressed (ρ in the papers), ``other_bits`` (the uncompressed rest) and
+            ``tasks``: a row per task with its compression, weights, stored values, bits and ratio.
+        """
+        compressed_ids = {id(p) for p in self._params}
+        seen: set[int] = set()
+        ref = other = 0
+        for v in self.model.state_dict(keep_vars=True).values():
+            if id(v) in seen:
+                continue
+            seen.add(id(v))
+            b = dense_bits(v)
+            ref += b
+            if id(v) not in compressed_ids:
+                other += b
+        rows = []
+        for t in self.tasks:
+            bits = t.compression.count_bits()
+            tref = sum(dense_bits(p) for p in t.params)
+            rows.append(
+                {
+                    "task": t.name,
+                    "compression": repr(t.compression),
+                    "params": list(t.param_names),
+                    "weights": t.numel,
+                    "stored_values": t.compression.count_params(),
+                    "bits": bits,
+                    "reference_bits": tref,
+                    "ratio": tref / bits if bits else math.inf,
+                }
+            )
+        comp = other + sum(r["bits"] for r in rows)
+        return {
+            "reference_bits": ref,
+            "compressed_bits": comp,
+            "ratio": ref / comp if comp else math.inf,
+            "other_bits": other,
+            "tasks": rows,
+        }
+
+    def _size_line(self) -> str:
+        r = self.size_report()
+        return f"{r['compressed_bits'] / 8 / 1024:.1f} KiB, ratio {r['ratio']:.2f}"
+
+    # ---- state --------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Θ, λ, Δ(Θ) and every compression's warm-start state: enough to resume bit for bit."""
+        return {
+            "format": STATE_FORMAT,
+            "version": STATE_VERSION,
+            "multipliers": self.multipliers,
+            "mu": self.mu,
+            "step": self.step,
+            "tasks": [
+                {"name": t.name, "params": list(t.param_names), "compression": t.compression.state_dict()}
+                for t in self.tasks
+            ],
+            "deltas": {n: d.detach().clone() for n, d in zip(self._names, self._deltas)},
+            "lambdas": None
+            if self._lambdas is None
+            else {n: l.detach().clone() for n, l in zip(self._names, self._lambdas)},
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore a :meth:`state_dict`. The task map must be the same one (names and compressions).
+
+        Raises:
+            ValueError: a different format, task map or multiplier setting (what differs is named).
+        """
+        if state.get("format") != STATE_FORMAT:
+            raise ValueError(f"not an LC state dict (format={state.get('format')!r})")
+        if state.get("version", 0) > STATE_VERSION:
+            raise ValueError(f"LC state version {state.get('version')} is newer than supported ({STATE_VERSION})")
+        if bool(state["multipliers"]) != self.multipliers:
+            raise ValueError(f"state has multipliers={state['multipliers']} but this LC has {self.multipliers}")
+        saved = state["tasks"]
+        if [s["name"] for s in saved] != [t.name for t in self.tasks]:
+            raise ValueError(
+                f"state holds tasks {[s['name'] for s in saved]} but this LC has {[t.name for t in self.tasks]}"
+            )
+        for t, s in zip(self.tasks, saved):
+            if s["compression"]["config"] != t.compression.config():
+                raise ValueError(
+                    f"task {t.name!r}: state holds {s['compression']['config']}, this LC has {t.compression.config()}"
+                )
+        for n, p in zip(self._names, self._params):
+            d = state["deltas"].get(n)
+            if d is None or tuple(d.shape) != tuple(p.shape):
+                raise ValueError(f"state has no Δ of shape {tuple(p.shape)} for parameter {n!r}")
+        for t, s in zip(self.tasks, saved):
+            t.compression.load_state_dict(s["compression"])
+            t.compression.to(t.params[0].device)
+        self._deltas = [state["deltas"][n].to(p.device, p.dtype).clone() for n, p in zip(self._names, self._params)]
+        if self._lambdas is not None:
+            self._lambdas = [
+                state["lambdas"][n].to(p.device, p.dtype).clone() for n, p in zip(self._names, self._params)
+            ]
+        self.mu = state["mu"]
+        self.step = int(state["step"])
+        self._targets = self._targets_mu = None
+
+    # ---- a convenience driver -----------------------------------------------------------------------------
+    def run(
+        self,
+        l_step: Callable[[nn.Module, Callable[[], Tensor], int], Any],
+        mu_schedule: Iterable[float],
+        evaluate: Callable[[nn.Module], Any] | None = None,
+        progress: bool = True,
+    ) -> list[dict[str, Any]]:
+        """Drive the whole algorithm in the authors' style.
+
+        For each μ: ``l_step(model, penalty, step)`` (``penalty()`` returns :meth:`penalty` at this μ), then the
+        C step; logs μ, ‖w − Δ(Θ)‖ and sizes, and calls ``evaluate(model)`` with Δ(Θ) in the model.
+
+        Returns:
+            one dict per step: ``step``, ``mu``, ``feasibility`` (‖w − Δ‖), ``compressed_bits``, ``ratio``,
+            ``evaluation`` (what ``evaluate`` returned, or None).
+        """
+        from tqdm.auto import tqdm
+
+        history = []
+        schedule = list(mu_schedule)
+        bar = tqdm(schedule, desc="LC", unit="step", disable=not progress)
+        for i, mu in enumerate(bar):
+            mu = _check_mu(mu, f"mu_schedule[{i}]")
+            l_step(self.wrapped_model, lambda mu=mu: self.penalty(mu), i)
+            self.c_step(mu)
+            feas = self.feasibility()["total"]
+            sizes = self.size_report()
+            ev = None
+            if evaluate is not None:
+                with self.compressed():
+                    ev = evaluate(self.wrapped_model)
+            rec = {
+                "step": i,
+                "mu": mu,
+                "feasibility": feas,
+                "compressed_bits": sizes["compressed_bits"],
+                "ratio": sizes["ratio"],
+                "evaluation": ev,
+            }
+            history.append(rec)
+            bar.set_postfix(mu=f"{mu:.3g}", feas=f"{feas:.3g}", ratio=f"{sizes['ratio']:.1f}")
+            logger.info(
+                "step %d: mu=%.4g ||w - Delta||=%.4g ratio=%.2f%s",
+                i,
+                mu,
+                feas,
+                sizes["ratio"],
+                "" if ev is None else f" evaluation={ev}",
+            )
+            for row in sizes["tasks"]:
+                logger.debug("  task %s: %d bits (ratio %.2f)", row["task"], row["bits"], row["ratio"])
+        return history
+
+    def __repr__(self) -> str:
+        lines = [f"LC({type(self.model).__name__}, multipliers={self.multipliers}, tasks=["]
+        lines += [f"  {t.name}: {t.compression!r}," for t in self.tasks]
+        lines.append("])")
+        return "\n".join(lines)

@@ -1,0 +1,186 @@
+"""The Compression interface every C step implements."""
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = ["Compression", "NotCompressedError"]
+
+
+class NotCompressedError(RuntimeError):
+    """Θ was asked for before the first C step."""
+
+
+class Compression:
+    """A compression Δ(Θ) with its exact C step Π.
+
+    A subclass holds only its hyperparameters and its last Θ. It implements:
+
+    * ``_compress(w, mu) -> Tensor``: solve Θ = argmin_Θ ‖w − Δ(Θ)‖² (+ a penalty term for penalty forms),
+      store Θ in ``self._theta`` and return Δ(Θ) with the shape of ``w``;
+    * ``_decompress() -> Tensor``: Δ(Θ) from ``self._theta``;
+    * ``count_params()`` and ``count_bits()`` from Θ.
+
+    ``w`` is a float tensor: flat (or any shape) for vector-type compressions, which act elementwise or on the
+    flattened vector; a matrix for ``matrix = True`` compressions (low-rank). ``compress`` validates the input,
+    and subclasses validate their hyperparameters at construction.
+
+    Two compressions added, ``a + b``, give an :class:`~lcompress.AdditiveCombination`.
+    """
+
+    #: True when the C step needs a matrix view of the weights (low-rank); False for elementwise/vector ones
+    matrix: bool = False
+    #: True when Θ = 0 is feasible, i.e. Δ can be the zero tensor (used by additive combinations)
+    contains_zero: bool = True
+
+    def __init__(self) -> None:
+        self._theta: dict[str, Any] | None = None
+        self._shape: tuple[int, ...] | None = None
+
+    # ---- the C step -------------------------------------------------------------------------------------
+    def compress(self, w: Tensor, mu: float = 0.0) -> Tensor:
+        """Θ ← Π(w); return Δ(Θ) with the shape, dtype and device of ``w``.
+
+        Args:
+            w: the weights to compress (for the LC algorithm, w − λ/μ).
+            mu: the current penalty parameter μ; used by penalty forms (``mu = 0`` means μ → 0⁺).
+
+        Raises:
+            TypeError: ``w`` is not a floating-point tensor.
+            ValueError: ``w`` holds NaN or Inf, or its shape does not suit the compression.
+        """
+        if not isinstance(w, Tensor):
+            raise TypeError(f"w must be a torch.Tensor, got {type(w).__name__}")
+        if not w.is_floating_point():
+            raise TypeError(f"w must be a floating-point tensor, got dtype={w.dtype}")
+        if not bool(torch.isfinite(w).all()):
+            raise ValueError("w contains NaN or Inf")
+        if mu < 0 or not math.isfinite(mu):
+            raise ValueError(f"mu={mu} must be a finite number >= 0")
+        self.check_shape(tuple(w.shape))
+        out = self._compress(w.detach().float(), float(mu))
+        self._shape = tuple(w.shape)
+        return out.to(w.dtype)
+
+    def decompress(self) -> Tensor:
+        """Δ(Θ) for the stored Θ, in float32 and the shape of the last compressed input."""
+        self._require()
+        return self._decompress()
+
+    def check_shape(self, shape: tuple[int, ...], task: str | None = None) -> None:
+        """Raise ValueError when a tensor of this shape cannot be compressed (e.g. κ > number of weights)."""
+        if len(shape) == 0 or math.prod(shape) == 0:
+            raise ValueError(self._where(task) + f"cannot compress an empty tensor of shape {shape}")
+
+    # ---- Θ and its size -----------------------------------------------------------------------------------
+    @property
+    def theta(self) -> dict[str, Any]:
+        """The compact form Θ of the last C step (a dict of tensors and ints)."""
+        self._require()
+        return self._theta
+
+    @property
+    def is_compressed(self) -> bool:
+        return self._theta is not None
+
+    def count_params(self) -> int:
+        """Number of stored values in Θ (codebook entries, nonzeros, factor entries)."""
+        raise NotImplementedError
+
+    def count_bits(self) -> int:
+        """Bits a compressed file needs for Θ (see :mod:`lcompress.sizes`)."""
+        raise NotImplementedError
+
+    # ---- state ----------------------------------------------------------------------------------------------
+    def config(self) -> dict[str, Any]:
+        """JSON-able hyperparameters: ``{"type": class name, **arguments}``; ``from_config`` inverts it."""
+        return {"type": type(self).__name__, **self._config()}
+
+    def _config(self) -> dict[str, Any]:
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Θ, the last input shape and any warm-start state, as tensors and plain Python values."""
+        return {
+            "config": self.config(),
+            "theta": None if self._theta is None else dict(self._theta),
+            "shape": None if self._shape is None else list(self._shape),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("config") != self.config():
+            raise ValueError(
+                f"state was saved for {state.get('config')}, cannot load it into {self.config()}"
+            )
+        theta = state.get("theta")
+        self._theta = None if theta is None else dict(theta)
+        shape = state.get("shape")
+        self._shape = None if shape is None else tuple(shape)
+
+    def to(self, device) -> "Compression":
+        """Move Θ to ``device`` (hyperparameters have no device)."""
+        if self._theta is not None:
+            self._theta = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in self._theta.items()}
+        return self
+
+    def clone(self) -> "Compression":
+        """A deep copy, Θ included."""
+        return copy.deepcopy(self)
+
+    # ---- helpers ------------------------------------------------------------------------------------------
+    def __add__(self, other: "Compression") -> "Compression":
+        from .additive import AdditiveCombination
+
+        return AdditiveCombination(self, other)
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self._config().items())
+        return f"{type(self).__name__}({args})"
+
+    def _require(self) -> None:
+        if self._theta is None:
+            raise NotCompressedError(
+                f"{self!r} has no Θ yet: call compress() (or construct lcompress.LC, which runs the first C step)"
+            )
+
+    @staticmethod
+    def _where(task: str | None) -> str:
+        return f"task {task!r}: " if task else ""
+
+    def _numel(self) -> int:
+        return math.prod(self._shape) if self._shape else 0
+
+    def _decompress(self) -> Tensor:
+        raise NotImplementedError
+
+    def _compress(self, w: Tensor, mu: float) -> Tensor:
+        raise NotImplementedError
+
+
+def check_int(name: str, value: Any, low: int | None = None, high: int | None = None) -> int:
+    """Validate an integer hyperparameter; the message names the argument, the value and the allowed range."""
+    if isinstance(value, bool) or not isinstance(value, (int,)) and not (
+        isinstance(value, float) and value.is_integer()
+    ):
+        raise TypeError(f"{name}={value!r} must be an integer")
+    value = int(value)
+    if (low is not None and value < low) or (high is not None and value > high):
+        rng = f"[{'-inf' if low is None else low}, {'inf' if high is None else high}]"
+        raise ValueError(f"{name}={value} must be in the range {rng}")
+    return value
+
+
+def check_float(name: str, value: Any, low: float | None = None, strict: bool = False) -> float:
+    """Validate a real hyperparameter (finite, ≥ low, or > low when ``strict``)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name}={value!r} must be a real number")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name}={value} must be finite")
+    if low is not None and (value <= low if strict else value < low):
+        raise ValueError(f"{name}={value} must be {'>' if strict else '>='} {low}")
+    return value

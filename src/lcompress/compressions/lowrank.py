@@ -1,0 +1,180 @@
+"""Low-rank: W ≈ A B with A (m×r) and B (r×n); fixed rank or rank selected by a storage/FLOPs penalty."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .. import functional as F
+from ..sizes import dtype_bits
+from .base import Compression, check_float, check_int
+
+__all__ = ["LowRank", "RankSelection", "CONV_SCHEMES", "to_matrix", "from_matrix"]
+
+CONV_SCHEMES = ("scheme_1", "scheme_2")
+
+
+def _check_scheme(conv_scheme: str) -> str:
+    if conv_scheme not in CONV_SCHEMES:
+        raise ValueError(f"conv_scheme={conv_scheme!r} must be one of {CONV_SCHEMES}")
+    return conv_scheme
+
+
+def matrix_shape(shape: tuple[int, ...], conv_scheme: str = "scheme_1") -> tuple[int, int]:
+    """Shape of the matrix view of a weight of ``shape`` (see :func:`to_matrix`)."""
+    if len(shape) == 2:
+        return shape[0], shape[1]
+    if len(shape) >= 3:
+        out, inp, *k = shape
+        kk = 1
+        for s in k:
+            kk *= s
+        if conv_scheme == "scheme_1" or len(k) != 2:
+            return out, inp * kk
+        return out * k[0], inp * k[1]
+    raise ValueError(f"a low-rank compression needs a matrix or conv weight, got shape {tuple(shape)}")
+
+
+def to_matrix(w: Tensor, conv_scheme: str = "scheme_1") -> Tensor:
+    """Matrix view of a weight.
+
+    Linear (out, in) stays as is. A conv weight (out, in, kh, kw) becomes (out, in·kh·kw) under scheme 1 (a k×k
+    conv with r output channels followed by a 1×1 conv) or (out·kh, in·kw) under scheme 2 (a kh×1 conv followed
+    by a 1×kw conv).
+    """
+    if w.dim() == 2:
+        return w
+    if w.dim() == 4 and conv_scheme == "scheme_2":
+        o, i, kh, kw = w.shape
+        return w.permute(0, 2, 1, 3).reshape(o * kh, i * kw)
+    if w.dim() >= 3:
+        return w.reshape(w.shape[0], -1)
+    raise ValueError(f"a low-rank compression needs a matrix or conv weight, got shape {tuple(w.shape)}")
+
+
+def from_matrix(m: Tensor, shape: tuple[int, ...], conv_scheme: str = "scheme_1") -> Tensor:
+    """Inverse of :func:`to_matrix`."""
+    if len(shape) == 4 and conv_scheme == "scheme_2":
+        o, i, kh, kw = shape
+        return m.reshape(o, kh, i, kw).permute(0, 2, 1, 3).reshape(shape)
+    return m.reshape(shape)
+
+
+class _Factors(Compression):
+    """Θ = {A (m×r), B (r×n)}; Δ = A @ B. Works on the matrix view chosen by ``conv_scheme``."""
+
+    matrix = True
+
+    def __init__(self, conv_scheme: str = "scheme_1") -> None:
+        super().__init__()
+        self.conv_scheme = _check_scheme(conv_scheme)
+
+    def check_shape(self, shape, task=None):
+        super().check_shape(shape, task)
+        if len(shape) != 2:
+            raise ValueError(
+                self._where(task) + f"{type(self).__name__} needs a matrix (or a conv weight), got shape {tuple(shape)}"
+            )
+
+    def _set(self, a: Tensor, b: Tensor) -> Tensor:
+        self._theta = {"A": a.contiguous(), "B": b.contiguous()}
+        return a @ b
+
+    def _decompress(self) -> Tensor:
+        th = self._theta
+        return (th["A"] @ th["B"]).reshape(self._shape)
+
+    @property
+    def selected_rank(self) -> int:
+        return int(self.theta["A"].shape[1])
+
+    def count_params(self) -> int:
+        th = self.theta
+        return th["A"].numel() + th["B"].numel()
+
+    def count_bits(self) -> int:
+        th = self.theta
+        return th["A"].numel() * dtype_bits(th["A"].dtype) + th["B"].numel() * dtype_bits(th["B"].dtype)
+
+
+class LowRank(_Factors):
+    """Fixed rank: min ‖W − A B‖²_F with A m×r, B r×n, solved exactly by the truncated SVD (Eckart–Young).
+
+    Args:
+        rank: r with 1 ≤ r ≤ min(m, n) of the matrix view.
+        conv_scheme: how a conv weight becomes a matrix, "scheme_1" (out, in·kh·kw) or "scheme_2" (out·kh, in·kw).
+    """
+
+    def __init__(self, rank: int, conv_scheme: str = "scheme_1") -> None:
+        super().__init__(conv_scheme)
+        self.rank = check_int("rank", rank, low=1)
+
+    def _config(self) -> dict[str, Any]:
+        return {"rank": self.rank, "conv_scheme": self.conv_scheme}
+
+    def check_shape(self, shape, task=None):
+        super().check_shape(shape, task)
+        if self.rank > min(shape):
+            raise ValueError(
+                self._where(task) + f"rank={self.rank} exceeds min{tuple(shape)} = {min(shape)} of the matrix view"
+            )
+
+    def _compress(self, w: Tensor, mu: float) -> Tensor:
+        a, b = F.truncated_svd(w, self.rank)
+        return self._set(a, b)
+
+
+class RankSelection(_Factors):
+    """Rank selection, penalty form: min_r α·C(r) + μ/2 ‖W − W_r‖²_F, W_r the best rank-r approximation.
+
+    Exact by enumerating every r over the singular values. C(r) = r·(m + n) parameters ("storage") or that times
+    the layer's output positions per sample ("flops": 1 for a Linear layer, H_out·W_out for a conv layer).
+    At μ → 0⁺ the rank is 0; it rises as μ grows.
+
+    Args:
+        alpha: the penalty weight α ≥ 0 (α per parameter, or per multiply-add for "flops").
+        criterion: "storage" or "flops".
+        conv_scheme: matrix view of a conv weight, as for :class:`LowRank`.
+        positions: output positions per sample for the "flops" criterion (required for conv weights).
+        max_rank: optional upper bound on r.
+    """
+
+    def __init__(
+        self,
+        alpha: float,
+        criterion: str = "storage",
+        conv_scheme: str = "scheme_1",
+        positions: int | None = None,
+        max_rank: int | None = None,
+    ) -> None:
+        super().__init__(conv_scheme)
+        self.alpha = check_float("alpha", alpha, low=0.0)
+        if criterion not in ("storage", "flops"):
+            raise ValueError(f"criterion={criterion!r} must be 'storage' or 'flops'")
+        self.criterion = criterion
+        self.positions = None if positions is None else check_int("positions", positions, low=1)
+        self.max_rank = None if max_rank is None else check_int("max_rank", max_rank, low=0)
+
+    def _config(self) -> dict[str, Any]:
+        return {
+            "alpha": self.alpha,
+            "criterion": self.criterion,
+            "conv_scheme": self.conv_scheme,
+            "positions": self.positions,
+            "max_rank": self.max_rank,
+        }
+
+    def cost_per_rank(self, shape) -> float:
+        m, n = shape
+        c = float(m + n)
+        if self.criterion == "flops":
+            c *= self.positions or 1
+        return c
+
+    def _compress(self, w: Tensor, mu: float) -> Tensor:
+        u, s, vh = torch.linalg.svd(w, full_matrices=False)
+        # the tail beyond max_rank adds the same constant to every offered rank, so it can be left out
+        s_sel = s if self.max_rank is None else s[: self.max_rank]
+        r = F.rank_select(s_sel, self.alpha, mu, self.cost_per_rank(tuple(w.shape)))
+        return self._set(u[:, :r] * s[:r], vh[:r])

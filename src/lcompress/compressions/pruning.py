@@ -1,0 +1,173 @@
+"""Pruning: most weights are zero; Θ is the support (positions) and the surviving values."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .. import functional as F
+from ..sizes import dtype_bits, support_bits
+from .base import Compression, check_float, check_int
+
+__all__ = ["ConstraintL0Pruning", "ConstraintL1Pruning", "PenaltyL0Pruning", "PenaltyL1Pruning"]
+
+_VALUE_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
+_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+
+
+def _value_dtype(value) -> torch.dtype:
+    if isinstance(value, torch.dtype) and value in _DTYPE_NAMES:
+        return value
+    if isinstance(value, str) and value.lower() in _VALUE_DTYPES:
+        return _VALUE_DTYPES[value.lower()]
+    raise ValueError(f"value_dtype={value!r} must be one of 'float32', 'float16', 'bfloat16'")
+
+
+class _Sparse(Compression):
+    """Θ = {indices (nnz,) int64 sorted, values (nnz,) at ``value_dtype``, n}.
+
+    ``value_dtype`` stores surviving values at lower precision (float16/bfloat16); the C step then rounds the
+    kept values, which is the exact projection for a fixed support.
+    """
+
+    def __init__(self, value_dtype="float32") -> None:
+        super().__init__()
+        self.value_dtype = _value_dtype(value_dtype)
+
+    def _config(self) -> dict[str, Any]:
+        return {"value_dtype": _DTYPE_NAMES[self.value_dtype]}
+
+    def _set_dense(self, theta_dense: Tensor) -> Tensor:
+        """Store a dense vector with zeros as Θ; return Δ(Θ) (after rounding the values to ``value_dtype``)."""
+        flat = theta_dense.reshape(-1)
+        idx = torch.nonzero(flat).reshape(-1)
+        return self._set(idx, flat[idx], flat.numel(), theta_dense.shape)
+
+    def _set(self, idx: Tensor, values: Tensor, n: int, shape) -> Tensor:
+        values = values.to(self.value_dtype)
+        self._theta = {"indices": idx, "values": values, "n": int(n)}
+        out = torch.zeros(n, dtype=torch.float32, device=values.device)
+        out[idx] = values.float()
+        return out.reshape(shape)
+
+    def _decompress(self) -> Tensor:
+        th = self._theta
+        out = torch.zeros(th["n"], dtype=torch.float32, device=th["values"].device)
+        out[th["indices"]] = th["values"].float()
+        return out.reshape(self._shape)
+
+    @property
+    def nnz(self) -> int:
+        return int(self.theta["indices"].numel())
+
+    def count_params(self) -> int:
+        return self.nnz
+
+    def count_bits(self) -> int:
+        th = self.theta
+        _, ibits, _ = support_bits(th["indices"], th["n"])
+        return self.nnz * dtype_bits(self.value_dtype) + ibits
+
+
+class ConstraintL0Pruning(_Sparse):
+    """Keep the κ weights of largest magnitude: min ‖w − θ‖² s.t. ‖θ‖₀ ≤ κ.
+
+    Over a joint task (several layers) the κ survivors are chosen across all of them together.
+
+    Args:
+        kappa: number of nonzero weights to keep, 0 ≤ κ ≤ number of weights in the task.
+        value_dtype: precision of the surviving values ("float32", "float16" or "bfloat16").
+
+    >>> ConstraintL0Pruning(kappa=2).compress(torch.tensor([0.1, -3.0, 0.5, 2.0])).tolist()
+    [0.0, -3.0, 0.0, 2.0]
+    """
+
+    def __init__(self, kappa: int, value_dtype="float32") -> None:
+        super().__init__(value_dtype)
+        self.kappa = check_int("kappa", kappa, low=0)
+
+    def _config(self):
+        return {"kappa": self.kappa, **super()._config()}
+
+    def check_shape(self, shape, task=None):
+        super().check_shape(shape, task)
+        n = 1
+        for s in shape:
+            n *= s
+        if self.kappa > n:
+            raise ValueError(
+                self._where(task) + f"kappa={self.kappa} exceeds the number of weights ({n}); use 0 <= kappa <= {n}"
+            )
+
+    def _compress(self, w: Tensor, mu: float) -> Tensor:
+        flat = w.reshape(-1)
+        idx = F.topk_magnitude(flat, self.kappa)
+        return self._set(idx, flat[idx], flat.numel(), w.shape)
+
+
+class ConstraintL1Pruning(_Sparse):
+    """Projection onto the ℓ1 ball: min ‖w − θ‖² s.t. ‖θ‖₁ ≤ κ (soft thresholding at the exact τ).
+
+    Args:
+        kappa: the ℓ1 radius κ ≥ 0 (a real number, not a count).
+        value_dtype: precision of the surviving values.
+    """
+
+    def __init__(self, kappa: float, value_dtype="float32") -> None:
+        super().__init__(value_dtype)
+        self.kappa = check_float("kappa", kappa, low=0.0)
+
+    def _config(self):
+        return {"kappa": self.kappa, **super()._config()}
+
+    def _compress(self, w: Tensor, mu: float) -> Tensor:
+        return self._set_dense(F.project_l1_ball(w, self.kappa))
+
+
+class PenaltyL0Pruning(_Sparse):
+    """Penalty form: min_θ α‖θ‖₀ + μ/2‖w − θ‖², i.e. hard thresholding at √(2α/μ).
+
+    As μ grows along the LC path the threshold falls; at μ → 0⁺ (direct compression) every weight is pruned.
+
+    Args:
+        alpha: the penalty weight α ≥ 0.
+        value_dtype: precision of the surviving values.
+    """
+
+    def __init__(self, alpha: float, value_dtype="float32") -> None:
+        super().__init__(value_dtype)
+        self.alpha = check_float("alpha", alpha, low=0.0)
+
+    def _config(self):
+        return {"alpha": self.alpha, **super()._config()}
+
+    def _compress(self, w: Tensor, mu: float) -> Tensor:
+        return self._set_dense(F.hard_threshold(w, self.alpha, mu))
+
+
+class PenaltyL1Pruning(_Sparse):
+    """Penalty form: min_θ α‖θ‖₁ + μ/2‖w − θ‖², i.e. soft thresholding at α/μ.
+
+    Args:
+        alpha: the penalty weight α ≥ 0.
+        value_dtype: precision of the surviving values.
+    """
+
+    def __init__(self, alpha: float, value_dtype="float32") -> None:
+        super().__init__(value_dtype)
+        self.alpha = check_float("alpha", alpha, low=0.0)
+
+    def _config(self):
+        return {"alpha": self.alpha, **super()._config()}
+
+    def _compress(self, w: Tensor, mu: float) -> Tensor:
+        return self._set_dense(F.soft_threshold(w, self.alpha, mu))
