@@ -24,12 +24,21 @@ from .compressions import (
 )
 from .schedules import geometric
 
+
+def load(path, model, compact: bool = False, strict: bool = True):
+    """Load a compact ``.lcz`` file into a model skeleton (see :func:`lcompress.export.load`)."""
+    from .export import load as _load
+
+    return _load(path, model, compact=compact, strict=strict)
+
+
 __version__ = "0.1.0"
 
 __all__ = [
     "LC",
     "clip_lr",
     "geometric",
+    "load",
     "Compression",
     "NotCompressedError",
     "AdaptiveQuantization",

@@ -336,6 +336,16 @@ class LC:
         self.step = int(state["step"])
         self._targets = self._targets_mu = None
 
+    def export(self, path) -> dict[str, Any]:
+        """Write the compressed model to a compact ``.lcz`` file (see :mod:`lcompress.export`).
+
+        Returns:
+            a summary: file bytes and the size report it was checked against.
+        """
+        from .export import save
+
+        return save(self, path)
+
     # ---- a convenience driver -----------------------------------------------------------------------------
     def run(
         self,

@@ -1,0 +1,456 @@
+"""The LC object: the user's loop, the two steps, state, and errors."""
+import copy
+import logging
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import lcompress as lc
+
+
+class MLP(nn.Module):
+    def __init__(self, sizes=(20, 64, 64, 4)):
+        super().__init__()
+        self.fc1 = nn.Linear(sizes[0], sizes[1])
+        self.fc2 = nn.Linear(sizes[1], sizes[2])
+        self.fc3 = nn.Linear(sizes[2], sizes[3])
+
+    def forward(self, x):
+        return self.fc3(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
+
+
+class Net(nn.Module):
+    """Conv + linear layers, as in the issue's example."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 8, 3)
+        self.fc1 = nn.Linear(8 * 4 * 4, 32)
+        self.fc2 = nn.Linear(32, 32)
+        self.fc3 = nn.Linear(32, 32)
+        self.fc4 = nn.Linear(32, 3)
+
+    def forward(self, x):
+        x = torch.relu(self.conv1(x)).flatten(1)
+        return self.fc4(torch.relu(self.fc3(torch.relu(self.fc2(torch.relu(self.fc1(x)))))))
+
+
+def teacher_data(n=2000, d=20, classes=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g)
+    t = MLP((d, 32, 32, classes))
+    with torch.no_grad():
+        for p in t.parameters():
+            p.copy_(torch.randn(p.shape, generator=g))
+        y = t(x).argmax(1)
+    return x, y
+
+
+def full_loss(model, x, y):
+    with torch.no_grad():
+        return float(F.cross_entropy(model(x), y))
+
+
+# ---- the user's loop ------------------------------------------------------------------------------------------
+def test_user_loop_ends_feasible_and_beats_direct_compression():
+    x, y = teacher_data()
+    model = MLP()
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(300):  # reference model
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    ref_loss = full_loss(model, x, y)
+    alg = lc.LC(model, {"re:fc\\d\\.weight": lc.AdaptiveQuantization(k=2)})
+    with alg.compressed():
+        dc_loss = full_loss(model, x, y)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    g = torch.Generator().manual_seed(1)
+    for mu in lc.geometric(1e-3, 1.4, 25):
+        for group in opt.param_groups:
+            group["lr"] = lc.clip_lr(0.05, mu)
+        for _ in range(4):
+            perm = torch.randperm(len(x), generator=g)
+            for i in range(0, len(x), 200):
+                b = perm[i : i + 200]
+                loss = F.cross_entropy(model(x[b]), y[b]) + alg.penalty(mu)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+        alg.c_step(mu)
+    with alg.compressed():
+        lc_loss = full_loss(model, x, y)
+    w = torch.cat([p.detach().reshape(-1) for n, p in model.named_parameters() if n.endswith("weight")])
+    assert alg.feasibility()["total"] < 0.02 * float(w.norm())
+    assert lc_loss < dc_loss - 0.1, (ref_loss, dc_loss, lc_loss)
+    # the compressed model really has 2 distinct values per layer
+    for name, d in alg.decompressed().items():
+        assert torch.unique(d).numel() <= 2, name
+
+
+def test_reduced_rank_regression_reaches_closed_form():
+    """LC with LowRank on linear least squares reaches the reduced-rank regression optimum; DC does not."""
+    g = torch.Generator().manual_seed(1)
+    n, d, m, r = 400, 6, 6, 2
+    scales = torch.tensor([3.0, 2.0, 1.5, 1.0, 0.7, 0.5])  # correlated inputs make DC ≠ RRR
+    q, _ = torch.linalg.qr(torch.randn(d, d, generator=g))
+    x = (torch.randn(n, d, generator=g) * scales) @ q
+    b = torch.randn(m, d, generator=g)
+    y = x @ b.T + 0.5 * torch.randn(n, m, generator=g)
+    xd, yd = x.double(), y.double()
+
+    def loss_of(wt):
+        return float(((yd - xd @ wt.double().T) ** 2).sum(1).mean())
+
+    w_ols = torch.linalg.solve(xd.T @ xd, xd.T @ yd).T  # (m, d)
+    _, _, vh = torch.linalg.svd(xd @ w_ols.T, full_matrices=False)
+    v = vh[:r].T
+    w_rrr = v @ v.T @ w_ols  # the closed-form reduced-rank regression solution
+    u, s, vh2 = torch.linalg.svd(w_ols, full_matrices=False)
+    w_dc = (u[:, :r] * s[:r]) @ vh2[:r]
+    l_rrr, l_dc = loss_of(w_rrr), loss_of(w_dc)
+    assert l_dc > 1.3 * l_rrr  # direct compression is clearly suboptimal here
+
+    model = nn.Linear(d, m, bias=False)
+    with torch.no_grad():
+        model.weight.copy_(w_ols.float())
+    alg = lc.LC(model, {"weight": lc.LowRank(rank=r)})
+    with alg.compressed():
+        assert loss_of(model.weight.detach()) == pytest.approx(l_dc, rel=1e-4)
+    opt = torch.optim.LBFGS(model.parameters(), lr=1, max_iter=100, tolerance_grad=1e-9,
+                            tolerance_change=1e-12, line_search_fn="strong_wolfe")
+    for mu in lc.geometric(1e-2, 1.3, 40):
+        def closure():
+            opt.zero_grad()
+            loss = ((y - model(x)) ** 2).sum(1).mean() + alg.penalty(mu)
+            loss.backward()
+            return loss
+        opt.step(closure)
+        alg.c_step(mu)
+    with alg.compressed():
+        l_lc = loss_of(model.weight.detach())
+    assert l_lc <= 1.01 * l_rrr, (l_lc, l_rrr, l_dc)
+
+
+# ---- the penalty and the C step ----------------------------------------------------------------------------------
+def test_penalty_value_and_gradient():
+    model = MLP()
+    alg = lc.LC(model, {"fc1.weight": lc.AdaptiveQuantization(k=2), ("fc2.weight", "fc3.weight"): lc.ConstraintL0Pruning(100)})
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    alg.c_step(0.5)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    mu = 0.7
+    deltas, lams = alg.decompressed(), alg.lambdas
+    params = dict(model.named_parameters())
+    expected = sum(
+        mu / 2 * float(((params[n].detach().double() - deltas[n].double() - lams[n].double() / mu) ** 2).sum())
+        for n in deltas
+    )
+    pen = alg.penalty(mu)
+    assert float(pen.detach()) == pytest.approx(expected, rel=1e-5)
+    pen.backward()
+    for n in deltas:
+        ref = mu * (params[n].detach() - deltas[n] - lams[n] / mu)
+        assert torch.allclose(params[n].grad, ref, atol=1e-6)
+    assert model.fc1.bias.grad is None
+
+
+def test_multiplier_update_and_quadratic_penalty():
+    model = MLP()
+    alg = lc.LC(model, {"fc1.weight": lc.ConstraintL0Pruning(50)})
+    assert torch.count_nonzero(alg.lambdas["fc1.weight"]) == 0  # direct compression leaves λ = 0
+    w = model.fc1.weight.detach().clone()
+    lam0 = alg.lambdas["fc1.weight"].clone()
+    alg.c_step(2.0)
+    d = alg.decompressed()["fc1.weight"]
+    assert torch.allclose(alg.lambdas["fc1.weight"], lam0 - 2.0 * (w - d))
+    qp = lc.LC(MLP(), {"fc1.weight": lc.ConstraintL0Pruning(50)}, multipliers=False)
+    qp.c_step(2.0)
+    assert qp.lambdas is None
+    p = qp.model.fc1.weight.detach()
+    assert float(qp.penalty(3.0)) == pytest.approx(1.5 * float(((p - qp.decompressed()["fc1.weight"]) ** 2).sum()), rel=1e-5)
+
+
+def test_c_step_uses_shifted_weights():
+    model = MLP()
+    alg = lc.LC(model, {"fc1.weight": lc.AdaptiveQuantization(k=3)})
+    with torch.no_grad():
+        model.fc1.weight.add_(0.05 * torch.randn_like(model.fc1.weight))
+    alg.c_step(1.0)
+    with torch.no_grad():
+        model.fc1.weight.add_(0.05 * torch.randn_like(model.fc1.weight))
+    lam = alg.lambdas["fc1.weight"].clone()
+    alg.c_step(2.0)
+    ref = lc.AdaptiveQuantization(k=3, exact=True).compress(model.fc1.weight.detach() - lam / 2.0)
+    got = alg.decompressed()["fc1.weight"]
+    w_shift = model.fc1.weight.detach() - lam / 2.0
+    assert float(((w_shift - got) ** 2).sum()) <= 1.02 * float(((w_shift - ref) ** 2).sum())
+
+
+def test_issue_example_mix_of_tasks():
+    model = Net()
+    alg = lc.LC(
+        model,
+        {
+            "fc1.weight": lc.AdaptiveQuantization(k=2),
+            ("fc2.weight", "fc3.weight"): lc.ConstraintL0Pruning(kappa=100),
+            "conv1.weight": lc.LowRank(rank=2),
+            "fc4.weight": lc.AdaptiveQuantization(k=2) + lc.ConstraintL0Pruning(kappa=5),
+        },
+    )
+    d = alg.decompressed()
+    assert torch.unique(d["fc1.weight"]).numel() == 2
+    assert int(torch.count_nonzero(d["fc2.weight"])) + int(torch.count_nonzero(d["fc3.weight"])) == 100
+    assert int(torch.linalg.matrix_rank(d["conv1.weight"].reshape(8, -1))) == 2
+    resid = d["fc4.weight"] - alg.tasks[3].compression.parts[0].decompress().reshape(3, 32)
+    assert int(torch.count_nonzero(resid)) <= 5
+    rep = alg.size_report()
+    total = sum(p.numel() for p in model.parameters())
+    assert rep["reference_bits"] == 32 * total
+    assert rep["compressed_bits"] == rep["other_bits"] + sum(r["bits"] for r in rep["tasks"])
+    assert rep["ratio"] == pytest.approx(rep["reference_bits"] / rep["compressed_bits"])
+    assert rep["tasks"][0]["bits"] == 32 * 128 + 64
+
+
+def test_pattern_tasks_get_their_own_compression_copies():
+    model = MLP()
+    q = lc.AdaptiveQuantization(k=2)
+    alg = lc.LC(model, {"re:fc\\d\\.weight": q})
+    assert [t.name for t in alg.tasks] == ["fc1.weight", "fc2.weight", "fc3.weight"]
+    assert alg.tasks[0].compression is q
+    assert len({id(t.compression) for t in alg.tasks}) == 3
+    assert not torch.equal(alg.tasks[0].compression.theta["codebook"], alg.tasks[1].compression.theta["codebook"])
+    joint = lc.LC(MLP(), {("re:fc\\d\\.weight",): lc.AdaptiveQuantization(k=2)})
+    assert len(joint.tasks) == 1 and joint.tasks[0].param_names == ["fc1.weight", "fc2.weight", "fc3.weight"]
+
+
+# ---- the model is never replaced behind the user's back ---------------------------------------------------------
+def test_parameters_keep_identity_and_compressed_restores():
+    model = MLP()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    ids = [id(p) for p in model.parameters()]
+    ptrs = [p.data_ptr() for p in model.parameters()]
+    before = [p.detach().clone() for p in model.parameters()]
+    alg = lc.LC(model, {"re:.*weight": lc.TernaryQuantization()})
+    alg.c_step(1.0)
+    with alg.compressed():
+        assert torch.equal(model.fc1.weight, alg.decompressed()["fc1.weight"])
+        assert torch.equal(model.fc1.bias, before[1])  # untouched
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    with pytest.raises(RuntimeError):
+        with alg.compressed():
+            raise RuntimeError("evaluation failed")
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    assert [id(p) for p in model.parameters()] == ids
+    assert [p.data_ptr() for p in model.parameters()] == ptrs
+    assert [id(p) for p in opt.param_groups[0]["params"]] == ids
+
+
+# ---- state ------------------------------------------------------------------------------------------------------
+def _train(model, alg, opt, mus, x, y, seed):
+    g = torch.Generator().manual_seed(seed)
+    for mu in mus:
+        for _ in range(3):
+            b = torch.randint(0, len(x), (64,), generator=g)
+            loss = F.cross_entropy(model(x[b]), y[b]) + alg.penalty(mu)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        alg.c_step(mu)
+
+
+def test_state_dict_resume_is_bitwise():
+    x, y = teacher_data(500)
+    tasks = lambda: {  # noqa: E731
+        "fc1.weight": lc.AdaptiveQuantization(k=4),
+        ("fc2.weight", "fc3.weight"): lc.ScaledTernaryQuantization() + lc.ConstraintL0Pruning(20),
+    }
+    model = MLP()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    alg = lc.LC(model, tasks())
+    mus = lc.geometric(1e-2, 2.0, 5)
+    _train(model, alg, opt, mus[:3], x, y, 0)
+    ckpt = copy.deepcopy({"model": model.state_dict(), "opt": opt.state_dict(), "lc": alg.state_dict()})
+    _train(model, alg, opt, mus[3:], x, y, 1)
+
+    model2 = MLP()
+    opt2 = torch.optim.SGD(model2.parameters(), lr=0.05, momentum=0.9)
+    model2.load_state_dict(ckpt["model"])
+    alg2 = lc.LC(model2, tasks())
+    opt2.load_state_dict(ckpt["opt"])
+    alg2.load_state_dict(ckpt["lc"])
+    assert alg2.step == 3 and alg2.mu == mus[2]
+    _train(model2, alg2, opt2, mus[3:], x, y, 1)
+    for n, d in alg.decompressed().items():
+        assert torch.equal(d, alg2.decompressed()[n]), n
+        assert torch.equal(alg.lambdas[n], alg2.lambdas[n]), n
+    for p, q in zip(model.parameters(), model2.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_load_state_dict_rejects_other_tasks():
+    alg = lc.LC(MLP(), {"fc1.weight": lc.AdaptiveQuantization(k=4)})
+    other = lc.LC(MLP(), {"fc1.weight": lc.AdaptiveQuantization(k=8)})
+    with pytest.raises(ValueError, match="fc1.weight"):
+        other.load_state_dict(alg.state_dict())
+    other2 = lc.LC(MLP(), {"fc2.weight": lc.AdaptiveQuantization(k=4)})
+    with pytest.raises(ValueError, match="tasks"):
+        other2.load_state_dict(alg.state_dict())
+
+
+# ---- wrappers ---------------------------------------------------------------------------------------------------
+def test_compiled_and_prefixed_names():
+    model = MLP()
+    compiled = torch.compile(model)  # not called, so nothing is compiled
+    alg = lc.LC(compiled, {"fc1.weight": lc.BinaryQuantization(), "_orig_mod.fc2.weight": lc.BinaryQuantization()})
+    assert alg.model is model
+    assert [t.name for t in alg.tasks] == ["fc1.weight", "fc2.weight"]
+
+
+def test_distributed_data_parallel_wrapper(tmp_path):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
+    try:
+        model = MLP()
+        ddp = nn.parallel.DistributedDataParallel(model)
+        alg = lc.LC(ddp, {"fc1.weight": lc.AdaptiveQuantization(k=2), "module.fc2.weight": lc.LowRank(rank=3)})
+        x, y = teacher_data(64)
+        loss = F.cross_entropy(ddp(x), y) + alg.penalty(1e-2)
+        loss.backward()
+        assert model.fc1.weight.grad is not None
+        alg.c_step(1e-2)
+        with alg.compressed() as m:
+            assert m is ddp
+            assert torch.unique(model.fc1.weight).numel() == 2
+    finally:
+        dist.destroy_process_group()
+
+
+# ---- errors -----------------------------------------------------------------------------------------------------
+class IntParam(MLP):
+    def __init__(self):
+        super().__init__()
+        self.counts = nn.Parameter(torch.zeros(3, dtype=torch.long), requires_grad=False)
+
+
+@pytest.mark.parametrize(
+    "tasks, exc, match",
+    [
+        ({"fc9.weight": lc.BinaryQuantization()}, ValueError, "fc9.weight.*did you mean"),
+        ({"re:conv.*": lc.BinaryQuantization()}, ValueError, "matches no parameter"),
+        ({"re:fc[": lc.BinaryQuantization()}, ValueError, "invalid regular expression"),
+        ({"fc1.weight": lc.BinaryQuantization(), ("fc2.weight", "fc1.weight"): lc.BinaryQuantization()}, ValueError, "two tasks"),
+        ({"fc1.weight": lc.ConstraintL0Pruning(kappa=10**6)}, ValueError, "fc1.weight.*kappa=1000000"),
+        ({"fc1.weight": lc.LowRank(rank=100)}, ValueError, "fc1.weight.*rank=100"),
+        ({"fc1.bias": lc.LowRank(rank=1)}, ValueError, "fc1.bias.*matrix"),
+        ({("fc1.weight", "fc2.weight"): lc.LowRank(rank=1)}, ValueError, "single"),
+        ({"fc1.weight": "binary"}, TypeError, "Compression"),
+        ({3: lc.BinaryQuantization()}, TypeError, "task key"),
+        ({}, ValueError, "non-empty"),
+    ],
+)
+def test_bad_task_maps(tasks, exc, match):
+    model = MLP()
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(exc, match=match):
+        lc.LC(model, tasks)
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+
+
+def test_integer_parameters_rejected():
+    with pytest.raises(TypeError, match="counts.*dtype"):
+        lc.LC(IntParam(), {"counts": lc.BinaryQuantization()})
+
+
+def test_flops_criterion_on_conv_needs_positions():
+    with pytest.raises(ValueError, match="positions"):
+        lc.LC(Net(), {"conv1.weight": lc.RankSelection(alpha=1e-3, criterion="flops")})
+    lc.LC(Net(), {"conv1.weight": lc.RankSelection(alpha=1e-3, criterion="flops", positions=16)})
+
+
+def test_bad_mu_and_nan_leave_state_unchanged(caplog):
+    model = MLP()
+    alg = lc.LC(model, {"fc1.weight": lc.AdaptiveQuantization(k=2), "fc2.weight": lc.AdaptiveQuantization(k=2)})
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="mu="):
+            alg.c_step(bad)
+        with pytest.raises(ValueError, match="mu="):
+            alg.penalty(bad)
+    alg.c_step(1.0)
+    state = copy.deepcopy(alg.state_dict())
+    weights = [p.detach().clone() for p in model.parameters()]
+    with torch.no_grad():
+        model.fc2.weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="fc2.weight.*NaN"):
+        alg.c_step(2.0)
+    with torch.no_grad():
+        model.fc2.weight[0, 0] = weights[2][0, 0]
+    assert all(torch.equal(p, w) for p, w in zip(model.parameters(), weights))
+    after = alg.state_dict()
+    assert after["step"] == state["step"] and after["mu"] == state["mu"]
+    for n in state["deltas"]:
+        assert torch.equal(after["deltas"][n], state["deltas"][n])
+    assert torch.equal(alg.tasks[0].compression.theta["codebook"], state["tasks"][0]["compression"]["theta"]["codebook"])
+    with caplog.at_level(logging.WARNING, logger="lcompress"):
+        alg.c_step(0.5)
+    assert any("smaller than the previous" in r.message for r in caplog.records)
+
+
+def test_failed_compression_restores_earlier_tasks(monkeypatch):
+    model = MLP()
+    alg = lc.LC(model, {"fc1.weight": lc.AdaptiveQuantization(k=2), "fc2.weight": lc.AdaptiveQuantization(k=2)})
+    cb = alg.tasks[0].compression.theta["codebook"].clone()
+    with torch.no_grad():
+        model.fc1.weight.mul_(3)
+
+    def boom(*a, **k):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(alg.tasks[1].compression, "_compress", boom)
+    with pytest.raises(RuntimeError):
+        alg.c_step(1.0)
+    assert torch.equal(alg.tasks[0].compression.theta["codebook"], cb)
+    assert alg.step == 0
+
+
+# ---- the convenience driver and helpers -----------------------------------------------------------------------------
+def test_run_driver():
+    x, y = teacher_data(400)
+    model = MLP()
+    alg = lc.LC(model, {"re:fc\\d\\.weight": lc.ScaledBinaryQuantization()})
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    calls = []
+
+    def l_step(m, penalty, step):
+        calls.append(step)
+        for _ in range(5):
+            loss = F.cross_entropy(m(x), y) + penalty()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+
+    hist = alg.run(l_step, lc.geometric(1e-2, 3.0, 4), evaluate=lambda m: full_loss(m, x, y), progress=False)
+    assert calls == [0, 1, 2, 3] and len(hist) == 4
+    assert hist[-1]["mu"] == pytest.approx(0.09 * 3)
+    assert all(h["evaluation"] is not None and h["ratio"] > 1 for h in hist)
+    assert hist[-1]["feasibility"] < hist[0]["feasibility"]
+
+
+def test_clip_lr_and_geometric():
+    assert lc.clip_lr(0.1, 100.0) == pytest.approx(0.01)
+    assert lc.clip_lr(0.1, 1.0) == 0.1
+    assert lc.geometric(1.0, 2.0, 3) == [1.0, 2.0, 4.0]
+    with pytest.raises(ValueError, match="factor"):
+        lc.geometric(1.0, 0.5, 3)
+    with pytest.raises(ValueError, match="mu0"):
+        lc.geometric(0.0, 2.0, 3)
+    with pytest.raises(ValueError, match="mu="):
+        lc.clip_lr(0.1, 0.0)

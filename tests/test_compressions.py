@@ -1,0 +1,296 @@
+"""The contract every compression must pass (idempotence, shape/dtype kept, optimality against brute force on tiny
+inputs, state round trip, bits as the size formulas say, clear errors)."""
+import itertools
+import math
+
+import pytest
+import torch
+
+import lcompress as lc
+from lcompress.compressions import from_config
+from lcompress.sizes import index_bits, support_bits
+
+
+def sq(x, y):
+    return float(((x.double() - y.double()) ** 2).sum())
+
+
+# name -> (factory, input shape)
+CASES = {
+    "adaptive_k4": (lambda: lc.AdaptiveQuantization(k=4), (300,)),
+    "adaptive_k2_exact": (lambda: lc.AdaptiveQuantization(k=2, exact=True), (300,)),
+    "binary": (lambda: lc.BinaryQuantization(), (300,)),
+    "scaled_binary": (lambda: lc.ScaledBinaryQuantization(), (300,)),
+    "ternary": (lambda: lc.TernaryQuantization(), (300,)),
+    "scaled_ternary": (lambda: lc.ScaledTernaryQuantization(), (300,)),
+    "pow2": (lambda: lc.PowersOfTwoQuantization(c=3), (300,)),
+    "fixed_assign": (lambda: lc.FixedAssignmentQuantization(torch.arange(300) % 5), (300,)),
+    "l0": (lambda: lc.ConstraintL0Pruning(kappa=30), (300,)),
+    "l0_fp16": (lambda: lc.ConstraintL0Pruning(kappa=30, value_dtype="float16"), (300,)),
+    "l1": (lambda: lc.ConstraintL1Pruning(kappa=3.0), (300,)),
+    "pen_l0": (lambda: lc.PenaltyL0Pruning(alpha=1e-3), (300,)),
+    "pen_l1": (lambda: lc.PenaltyL1Pruning(alpha=1e-3), (300,)),
+    "lowrank": (lambda: lc.LowRank(rank=3), (20, 15)),
+    "rank_sel": (lambda: lc.RankSelection(alpha=1e-4), (20, 15)),
+    "additive": (lambda: lc.AdaptiveQuantization(k=2) + lc.ConstraintL0Pruning(kappa=10), (300,)),
+    "additive_lr": (lambda: lc.LowRank(rank=2) + lc.ConstraintL0Pruning(kappa=10), (20, 15)),
+}
+MU = 1.0
+PROJECTIONS = [n for n in CASES if n != "pen_l1"]  # soft thresholding is a prox, not a projection
+
+
+def make(name, seed=0):
+    factory, shape = CASES[name]
+    g = torch.Generator().manual_seed(seed)
+    return factory(), torch.randn(shape, generator=g) * 0.5
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_shape_dtype_device_kept(name):
+    c, w = make(name)
+    out = c.compress(w, MU)
+    assert out.shape == w.shape and out.dtype == w.dtype and out.device == w.device
+    assert torch.isfinite(out).all()
+    # Δ(Θ) from the stored Θ is what compress returned
+    assert torch.allclose(c.decompress().reshape(w.shape), out, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", [n for n in PROJECTIONS if n != "additive_lr"])
+def test_idempotent(name):
+    c, w = make(name)
+    once = c.compress(w, MU)
+    twice = c.compress(once, MU)
+    assert torch.allclose(once, twice, atol=1e-6), (once - twice).abs().max()
+
+
+def test_additive_low_rank_plus_sparse_nearly_idempotent():
+    # alternation finds a local optimum, so a feasible point comes back only approximately
+    c, w = make("additive_lr")
+    once = c.compress(w, MU)
+    twice = c.compress(once, MU)
+    assert sq(once, twice) <= 1e-4 * float((once ** 2).sum())
+
+
+@pytest.mark.parametrize("name", [n for n in PROJECTIONS if not n.startswith("pen_") and n != "rank_sel"])
+def test_no_worse_than_other_feasible_points(name):
+    """Π(w) is at least as close to w as the compressions of perturbed copies of w (other feasible points)."""
+    c, w = make(name)
+    d = sq(w, c.compress(w, MU))
+    other = make(name)[0]
+    for s in range(10):
+        g = torch.Generator().manual_seed(100 + s)
+        feasible = other.compress(w + 0.3 * torch.randn(w.shape, generator=g), MU)
+        assert d <= sq(w, feasible) * (1 + 1e-6) + 1e-9
+
+
+def brute_best(name, w):
+    """Independent brute-force optimum of min ‖w − Δ(Θ)‖² over the compression's feasible set (tiny w)."""
+    n = w.numel()
+    x = w.double().reshape(-1)
+    if name in ("binary", "ternary", "pow2"):
+        cb = {"binary": [-1.0, 1.0], "ternary": [-1.0, 0.0, 1.0], "pow2": [-1, -0.5, -0.25, -0.125, 0, 0.125, 0.25, 0.5, 1]}[name]
+        return min(float(((x - torch.tensor(v, dtype=torch.float64)) ** 2).sum()) for v in itertools.product(cb, repeat=n))
+    if name in ("scaled_binary", "scaled_ternary"):
+        vals = [-1, 1] if name == "scaled_binary" else [-1, 0, 1]
+        best = math.inf
+        for s in itertools.product(vals, repeat=n):
+            s = torch.tensor(s, dtype=torch.float64)
+            nz = float((s != 0).sum())
+            a = float((x * s).sum()) / nz if nz else 0.0
+            best = min(best, float(((x - a * s) ** 2).sum()))
+        return best
+    if name.startswith("adaptive"):
+        k = 4 if name == "adaptive_k4" else 2
+        xs = sorted(x.tolist())
+        best = math.inf
+        for cuts in itertools.combinations(range(1, n), k - 1):
+            b = (0,) + cuts + (n,)
+            best = min(best, sum(sum((v - sum(xs[l:h]) / (h - l)) ** 2 for v in xs[l:h]) for l, h in zip(b[:-1], b[1:])))
+        return best
+    if name.startswith("l0"):
+        return min(
+            float((x ** 2).sum() - (x[list(s)] ** 2).sum()) for s in itertools.combinations(range(n), 3)
+        )
+    raise KeyError(name)
+
+
+TINY = {
+    "binary": lambda: lc.BinaryQuantization(),
+    "ternary": lambda: lc.TernaryQuantization(),
+    "pow2": lambda: lc.PowersOfTwoQuantization(c=3),
+    "scaled_binary": lambda: lc.ScaledBinaryQuantization(),
+    "scaled_ternary": lambda: lc.ScaledTernaryQuantization(),
+    "adaptive_k4": lambda: lc.AdaptiveQuantization(k=4, exact=True),
+    "adaptive_k2": lambda: lc.AdaptiveQuantization(k=2, exact=True),
+    "l0": lambda: lc.ConstraintL0Pruning(kappa=3),
+}
+
+
+@pytest.mark.parametrize("name", list(TINY))
+@pytest.mark.parametrize("seed", range(4))
+def test_matches_brute_force_on_tiny_inputs(name, seed):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(6, generator=g) * 0.6
+    c = TINY[name]()
+    assert sq(w, c.compress(w)) == pytest.approx(brute_best(name, w), rel=1e-6, abs=1e-10)
+
+
+def test_lowrank_is_eckart_young():
+    w = torch.randn(12, 9)
+    s = torch.linalg.svdvals(w.double())
+    out = lc.LowRank(rank=4).compress(w)
+    assert sq(w, out) == pytest.approx(float((s[4:] ** 2).sum()), rel=1e-4)
+
+
+def test_rank_selection_minimizes_its_objective():
+    w = torch.randn(12, 9)
+    s = torch.linalg.svdvals(w.double())
+    for alpha, mu in [(1e-3, 1.0), (1e-2, 1.0), (1e-1, 10.0)]:
+        c = lc.RankSelection(alpha=alpha)
+        out = c.compress(w, mu)
+        r = c.selected_rank
+        objs = [alpha * q * 21 + mu / 2 * float((s[q:] ** 2).sum()) for q in range(10)]
+        assert objs[r] == pytest.approx(min(objs), rel=1e-5)
+        assert int(torch.linalg.matrix_rank(out)) == r if r else float(out.abs().max()) == 0.0
+    c = lc.RankSelection(alpha=1e-3, criterion="flops", positions=10)
+    assert c.cost_per_rank((12, 9)) == 210.0
+
+
+def test_penalty_forms_minimize_their_objectives():
+    w = torch.randn(40)
+    for cls, cost in [(lc.PenaltyL0Pruning, lambda t: float((t != 0).sum())), (lc.PenaltyL1Pruning, lambda t: float(t.abs().sum()))]:
+        c = cls(alpha=0.05)
+        t = c.compress(w, mu=2.0)
+        obj = 0.05 * cost(t) + 1.0 * sq(w, t)
+        for s in range(20):  # random perturbations of the solution never do better
+            g = torch.Generator().manual_seed(s)
+            t2 = t + 0.05 * torch.randn(40, generator=g) * (torch.rand(40, generator=g) < 0.3)
+            assert obj <= 0.05 * cost(t2) + 1.0 * sq(w, t2) + 1e-9
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_state_round_trip(name):
+    c, w = make(name)
+    c.compress(w, MU)
+    fresh, _ = make(name)
+    if name == "fixed_assign":
+        fresh = lc.FixedAssignmentQuantization(torch.arange(300) % 5)
+    fresh.load_state_dict(c.state_dict())
+    assert torch.equal(fresh.decompress(), c.decompress())
+    assert fresh.count_bits() == c.count_bits()
+    assert fresh.config() == c.config()
+
+
+@pytest.mark.parametrize("name", [n for n in CASES if n != "fixed_assign"])
+def test_config_round_trip(name):
+    c, _ = make(name)
+    assert from_config(c.config()).config() == c.config()
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_theta_before_first_c_step_raises(name):
+    c, _ = make(name)
+    with pytest.raises(lc.NotCompressedError):
+        _ = c.theta
+    with pytest.raises(lc.NotCompressedError):
+        c.count_bits()
+
+
+def test_bits_follow_the_formulas():
+    w = torch.randn(1000)
+    q = lc.AdaptiveQuantization(k=5)
+    q.compress(w)
+    assert q.count_bits() == 1000 * 3 + 5 * 32
+    b = lc.BinaryQuantization()
+    b.compress(w)
+    assert b.count_bits() == 1000
+    sb = lc.ScaledBinaryQuantization()
+    sb.compress(w)
+    assert sb.count_bits() == 1000 + 32
+    st = lc.ScaledTernaryQuantization()
+    st.compress(w)
+    assert st.count_bits() == 2000 + 32
+    p2 = lc.PowersOfTwoQuantization(c=2)  # 7 values -> 3 bits
+    p2.compress(w)
+    assert p2.count_bits() == 3000
+    p = lc.ConstraintL0Pruning(kappa=50, value_dtype="float16")
+    p.compress(w)
+    assert p.count_bits() == 50 * 16 + support_bits(p.theta["indices"], 1000)[1]
+    assert support_bits(p.theta["indices"], 1000)[1] <= 1000
+    r = lc.LowRank(rank=3)
+    r.compress(torch.randn(20, 10))
+    assert r.count_bits() == 3 * 30 * 32
+    a = lc.AdaptiveQuantization(k=2) + lc.ConstraintL0Pruning(kappa=10)
+    a.compress(w)
+    assert a.count_bits() == a.parts[0].count_bits() + a.parts[1].count_bits()
+    assert index_bits(1) == 0 and index_bits(2) == 1 and index_bits(3) == 2 and index_bits(256) == 8
+
+
+def test_additive_never_worse_than_its_first_part():
+    for s in range(5):
+        w = torch.randn(2000) * 0.1 + (torch.rand(2000) < 0.01) * torch.randn(2000)
+        first = lc.AdaptiveQuantization(k=2)
+        d1 = sq(w, first.compress(w))
+        comb = lc.AdaptiveQuantization(k=2) + lc.ConstraintL0Pruning(kappa=20)
+        d = sq(w, comb.compress(w))
+        assert d <= d1 * (1 + 1e-6)
+        assert d < 0.9 * d1  # the sparse correction helps on outliers
+    lr = lc.LowRank(rank=2) + lc.ConstraintL0Pruning(kappa=20)
+    m = torch.randn(30, 20)
+    assert sq(m, lr.compress(m)) <= sq(m, lc.LowRank(rank=2).compress(m)) * (1 + 1e-6)
+
+
+def test_additive_flattens_and_validates():
+    a = lc.BinaryQuantization() + lc.ConstraintL0Pruning(1) + lc.PenaltyL1Pruning(0.1)
+    assert len(a.parts) == 3
+    with pytest.raises(ValueError, match="conv_scheme"):
+        lc.LowRank(1) + lc.LowRank(1, conv_scheme="scheme_2")
+    with pytest.raises(TypeError):
+        lc.AdditiveCombination(lc.BinaryQuantization(), 3)
+
+
+@pytest.mark.parametrize(
+    "factory, match",
+    [
+        (lambda: lc.AdaptiveQuantization(k=0), "k=0"),
+        (lambda: lc.AdaptiveQuantization(k=2.5), "k=2.5"),
+        (lambda: lc.ConstraintL0Pruning(kappa=-1), "kappa=-1"),
+        (lambda: lc.ConstraintL1Pruning(kappa=-0.5), "kappa=-0.5"),
+        (lambda: lc.PenaltyL0Pruning(alpha=-1), "alpha=-1"),
+        (lambda: lc.LowRank(rank=0), "rank=0"),
+        (lambda: lc.LowRank(rank=2, conv_scheme="scheme_9"), "conv_scheme"),
+        (lambda: lc.RankSelection(alpha=1, criterion="speed"), "criterion"),
+        (lambda: lc.PowersOfTwoQuantization(c=-1), "c=-1"),
+        (lambda: lc.ConstraintL0Pruning(kappa=3, value_dtype="int8"), "value_dtype"),
+        (lambda: lc.FixedAssignmentQuantization(torch.tensor([0.5, 1.0])), "integer"),
+        (lambda: lc.FixedAssignmentQuantization(torch.tensor([-1, 1])), ">= 0"),
+    ],
+)
+def test_bad_hyperparameters_are_named(factory, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        factory()
+
+
+def test_bad_inputs():
+    q = lc.AdaptiveQuantization(k=2)
+    with pytest.raises(TypeError, match="floating"):
+        q.compress(torch.arange(10))
+    with pytest.raises(ValueError, match="NaN"):
+        q.compress(torch.tensor([1.0, float("nan")]))
+    with pytest.raises(ValueError, match="kappa=11"):
+        lc.ConstraintL0Pruning(kappa=11).compress(torch.randn(10))
+    with pytest.raises(ValueError, match="rank=5"):
+        lc.LowRank(rank=5).compress(torch.randn(4, 8))
+    with pytest.raises(ValueError, match="matrix"):
+        lc.LowRank(rank=1).compress(torch.randn(8))
+    with pytest.raises(ValueError, match="assignments"):
+        lc.FixedAssignmentQuantization(torch.arange(5)).compress(torch.randn(6))
+
+
+def test_warm_start_uses_previous_codebook():
+    q = lc.AdaptiveQuantization(k=4)
+    w = torch.randn(5000) * 0.1
+    q.compress(w)
+    c0 = q.theta["codebook"].clone()
+    q.compress(w + 1e-4 * torch.randn(5000))
+    assert torch.allclose(q.theta["codebook"], c0, atol=1e-3)
