@@ -294,3 +294,14 @@ def test_warm_start_uses_previous_codebook():
     c0 = q.theta["codebook"].clone()
     q.compress(w + 1e-4 * torch.randn(5000))
     assert torch.allclose(q.theta["codebook"], c0, atol=1e-3)
+
+
+def test_l0_fraction():
+    p = lc.ConstraintL0Pruning(fraction=0.05)
+    out = p.compress(torch.randn(1000))
+    assert int(torch.count_nonzero(out)) == 50 and p.config()["fraction"] == 0.05
+    assert from_config(p.config()).kappa_for(200) == 10
+    with pytest.raises(ValueError, match="exactly one"):
+        lc.ConstraintL0Pruning(kappa=3, fraction=0.1)
+    with pytest.raises(ValueError, match="fraction=1.5"):
+        lc.ConstraintL0Pruning(fraction=1.5)

@@ -85,32 +85,46 @@ class ConstraintL0Pruning(_Sparse):
 
     Args:
         kappa: number of nonzero weights to keep, 0 ≤ κ ≤ number of weights in the task.
+        fraction: instead of ``kappa``, the fraction of the task's weights to keep, in [0, 1]
+            (κ = round(fraction · n) once the task is known).
         value_dtype: precision of the surviving values ("float32", "float16" or "bfloat16").
 
     >>> ConstraintL0Pruning(kappa=2).compress(torch.tensor([0.1, -3.0, 0.5, 2.0])).tolist()
     [0.0, -3.0, 0.0, 2.0]
     """
 
-    def __init__(self, kappa: int, value_dtype="float32") -> None:
+    def __init__(self, kappa: int | None = None, value_dtype="float32", *, fraction: float | None = None) -> None:
         super().__init__(value_dtype)
-        self.kappa = check_int("kappa", kappa, low=0)
+        if (kappa is None) == (fraction is None):
+            raise ValueError(f"give exactly one of kappa (a count) and fraction, got kappa={kappa!r}, fraction={fraction!r}")
+        self.kappa = None if kappa is None else check_int("kappa", kappa, low=0)
+        self.fraction = None
+        if fraction is not None:
+            self.fraction = check_float("fraction", fraction, low=0.0)
+            if self.fraction > 1:
+                raise ValueError(f"fraction={fraction} must be in the range [0, 1]")
 
     def _config(self):
-        return {"kappa": self.kappa, **super()._config()}
+        size = {"kappa": self.kappa} if self.fraction is None else {"fraction": self.fraction}
+        return {**size, **super()._config()}
+
+    def kappa_for(self, n: int) -> int:
+        """κ for a task of n weights."""
+        return self.kappa if self.fraction is None else int(round(self.fraction * n))
 
     def check_shape(self, shape, task=None):
         super().check_shape(shape, task)
         n = 1
         for s in shape:
             n *= s
-        if self.kappa > n:
+        if self.kappa is not None and self.kappa > n:
             raise ValueError(
                 self._where(task) + f"kappa={self.kappa} exceeds the number of weights ({n}); use 0 <= kappa <= {n}"
             )
 
     def _compress(self, w: Tensor, mu: float) -> Tensor:
         flat = w.reshape(-1)
-        idx = F.topk_magnitude(flat, self.kappa)
+        idx = F.topk_magnitude(flat, self.kappa_for(flat.numel()))
         return self._set(idx, flat[idx], flat.numel(), w.shape)
 
 
