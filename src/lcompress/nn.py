@@ -1,0 +1,688 @@
+"""Compact inference modules for compressed layers, and structure learning for pruned MLPs.
+
+A compressed layer keeps its compact form Θ in memory instead of a dense float weight:
+
+* :class:`LowRankLinear`, :class:`LowRankConv2d`: W = A B as two smaller layers (r(m + n) weights, and as many
+  multiply-adds per output position);
+* :class:`SparseLinear`: a CSR weight (values + int32 column indices + row pointers), used when the density is
+  below :data:`SPARSE_CROSSOVER_DENSITY`, the measured point where a CSR product stops being faster than a
+  dense one on CPU;
+* :class:`CodebookLinear`, :class:`CodebookConv2d`: integer codes (uint8 for K ≤ 256) and a float32 codebook as
+  buffers; the weight codebook[codes] is decoded in ``forward`` and freed after the call, so the resident weight
+  memory is one byte per weight instead of four.
+
+:func:`compact_model` swaps a model's layers for these given per-weight Θ (see :func:`task_specs`, which splits a
+task's Θ — joint tasks included — into per-weight pieces); :func:`lcompress.load` with ``compact=True`` does it
+from a file. :func:`remove_dead_neurons` shrinks a chain of Linear layers by removing hidden units that a
+pruned model can no longer use.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .compressions.lowrank import CONV_SCHEMES
+
+__all__ = [
+    "SPARSE_CROSSOVER_DENSITY",
+    "LowRankLinear",
+    "LowRankConv2d",
+    "SparseLinear",
+    "CodebookLinear",
+    "CodebookConv2d",
+    "task_specs",
+    "compact_model",
+    "remove_dead_neurons",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Density (nonzeros / weights) below which :func:`compact_model` turns a pruned Linear layer into a
+#: :class:`SparseLinear`. Measured with ``bench/bench_compact.py`` (torch 2.13 CPU, 2 threads, CSR with int32
+#: indices against ``F.linear``, median of 31 interleaved repeats): the largest density at which the CSR product
+#: was still faster was 0.1–0.3 for 1024×1024 and 2048×2048 layers at batch 1 and 256, 0.1 for 784→300 at batch
+#: 256 and 0.01 for 300→100 at batch 256; on the small layers at batch 1 the sparse call was 1.1–3× slower at
+#: every density (a few microseconds of per-call overhead either way). 0.1 is the median crossover over these
+#: cases, and where the time matters (large layers) sparse is faster at 0.1 in every case measured. Memory
+#: pays off sooner: 8 bytes per nonzero against 4 per dense weight wins below density 0.5.
+SPARSE_CROSSOVER_DENSITY = 0.1
+
+
+def _check_factors(a: Tensor, b: Tensor, out_dim: int, in_dim: int, what: str) -> int:
+    if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[0]:
+        raise ValueError(f"{what}: factors must be A (m, r) and B (r, n), got {tuple(a.shape)} and {tuple(b.shape)}")
+    if a.shape[0] != out_dim or b.shape[1] != in_dim:
+        raise ValueError(
+            f"{what}: factors {tuple(a.shape)} @ {tuple(b.shape)} do not give the matrix view ({out_dim}, {in_dim})"
+        )
+    return int(a.shape[1])
+
+
+class LowRankLinear(nn.Module):
+    """y = A (B x) + b: a Linear layer of rank r as two Linear layers (in → r, then r → out).
+
+    Args:
+        in_features, out_features: the dense layer's sizes.
+        rank: the inner size r ≥ 0 (r = 0 gives y = b).
+        bias: keep a bias on the second layer.
+
+    Use :meth:`from_factors` to build one from a dense layer's Θ = (A, B).
+    """
+
+    def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True) -> None:
+        super().__init__()
+        self.in_features, self.out_features, self.rank = int(in_features), int(out_features), int(rank)
+        self.first = nn.Linear(self.in_features, self.rank, bias=False)
+        self.second = nn.Linear(self.rank, self.out_features, bias=bias)
+
+    @classmethod
+    def from_factors(cls, linear: nn.Linear, a: Tensor, b: Tensor) -> "LowRankLinear":
+        """The layer W = A B (A: out × r, B: r × in) with ``linear``'s bias.
+
+        Raises:
+            ValueError: the factors do not multiply to the layer's weight shape.
+        """
+        r = _check_factors(a, b, linear.out_features, linear.in_features, "LowRankLinear")
+        p = linear.weight
+        m = cls(linear.in_features, linear.out_features, r, bias=linear.bias is not None).to(p.device, p.dtype)
+        with torch.no_grad():
+            m.first.weight.copy_(b.to(p.device, p.dtype))
+            m.second.weight.copy_(a.to(p.device, p.dtype))
+            if linear.bias is not None:
+                m.second.bias.copy_(linear.bias)
+        return m
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.second(self.first(x))
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
+
+
+def _pair(v) -> tuple[int, int]:
+    if isinstance(v, int):
+        return (v, v)
+    v = tuple(int(x) for x in v)
+    if len(v) != 2:
+        raise ValueError(f"expected an int or a pair, got {v!r}")
+    return v  # type: ignore[return-value]
+
+
+class LowRankConv2d(nn.Module):
+    """A Conv2d whose weight's matrix view is A B (see :func:`lcompress.compressions.lowrank.to_matrix`).
+
+    * ``scheme_1``: W (o, i, kh, kw) viewed as (o, i·kh·kw). B reshaped to (r, i, kh, kw) is a kh×kw conv with r
+      output channels that takes the layer's stride, padding and dilation; A reshaped to (o, r, 1, 1) is a 1×1 conv
+      (with the bias).
+    * ``scheme_2``: W viewed as (o·kh, i·kw) with rows (output channel, kernel row) and columns (input channel,
+      kernel column). The input-side factor B, reshaped to (r, i, 1, kw), is a 1×kw conv that takes the
+      horizontal stride, padding and dilation (and no vertical ones: it runs on every input row); A, regrouped
+      to (o, r, kh, 1), is a kh×1 conv with the vertical stride, padding and dilation (and the bias). Since
+      out[a, p, q] = Σ_{y,s} A[(a,y),s] · Σ_{c,x} B[s,(c,x)] in[c, p·sh + y·dh − ph, q·sw + x·dw − pw], the zero
+      (or reflected / circular) rows the second conv pads are exactly the rows the dense conv would pad.
+
+    Only ``groups = 1`` convolutions factor this way.
+
+    Args:
+        in_channels, out_channels, kernel_size, stride, padding, dilation, bias, padding_mode: as for
+            :class:`torch.nn.Conv2d` (padding may be an int, a pair, "same" or "valid").
+        rank: the inner number of channels r.
+        conv_scheme: "scheme_1" or "scheme_2".
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size,
+        rank: int,
+        stride=1,
+        padding=0,
+        dilation=1,
+        bias: bool = True,
+        padding_mode: str = "zeros",
+        conv_scheme: str = "scheme_1",
+    ) -> None:
+        super().__init__()
+        if conv_scheme not in CONV_SCHEMES:
+            raise ValueError(f"conv_scheme={conv_scheme!r} must be one of {CONV_SCHEMES}")
+        kh, kw = _pair(kernel_size)
+        sh, sw = _pair(stride)
+        dh, dw = _pair(dilation)
+        self.in_channels, self.out_channels, self.rank = int(in_channels), int(out_channels), int(rank)
+        self.kernel_size, self.conv_scheme = (kh, kw), conv_scheme
+        if conv_scheme == "scheme_1":
+            self.first = nn.Conv2d(in_channels, rank, (kh, kw), (sh, sw), padding, (dh, dw), bias=False,
+                                   padding_mode=padding_mode)
+            self.second = nn.Conv2d(rank, out_channels, 1, bias=bias)
+        else:
+            if isinstance(padding, str):
+                pad_h = pad_w = padding
+            else:
+                ph, pw = _pair(padding)
+                pad_h, pad_w = (ph, 0), (0, pw)
+            self.first = nn.Conv2d(in_channels, rank, (1, kw), (1, sw), pad_w, (1, dw), bias=False,
+                                   padding_mode=padding_mode)
+            self.second = nn.Conv2d(rank, out_channels, (kh, 1), (sh, 1), pad_h, (dh, 1), bias=bias,
+                                    padding_mode=padding_mode)
+
+    @classmethod
+    def from_factors(cls, conv: nn.Conv2d, a: Tensor, b: Tensor, conv_scheme: str = "scheme_1") -> "LowRankConv2d":
+        """The conv whose weight is ``from_matrix(A @ B, conv.weight.shape, conv_scheme)``, with ``conv``'s
+        geometry and bias.
+
+        Raises:
+            ValueError: ``conv.groups != 1``, or the factors do not fit the matrix view of the weight.
+        """
+        if conv.groups != 1:
+            raise ValueError(f"LowRankConv2d needs groups=1, the conv has groups={conv.groups}")
+        o, i, kh, kw = conv.weight.shape
+        rows, cols = (o, i * kh * kw) if conv_scheme == "scheme_1" else (o * kh, i * kw)
+        r = _check_factors(a, b, rows, cols, f"LowRankConv2d({conv_scheme})")
+        p = conv.weight
+        m = cls(i, o, (kh, kw), r, conv.stride, conv.padding, conv.dilation, conv.bias is not None,
+                conv.padding_mode, conv_scheme).to(p.device, p.dtype)
+        a, b = a.to(p.device, p.dtype), b.to(p.device, p.dtype)
+        with torch.no_grad():
+            if conv_scheme == "scheme_1":
+                m.first.weight.copy_(b.reshape(r, i, kh, kw))
+                m.second.weight.copy_(a.reshape(o, r, 1, 1))
+            else:
+                m.first.weight.copy_(b.reshape(r, i, 1, kw))
+                # rows of A are (output channel, kernel row): (o, kh, r) -> (o, r, kh, 1)
+                m.second.weight.copy_(a.reshape(o, kh, r).permute(0, 2, 1).unsqueeze(-1))
+            if conv.bias is not None:
+                m.second.bias.copy_(conv.bias)
+        return m
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.second(self.first(x))
+
+    def extra_repr(self) -> str:
+        return (f"in_channels={self.in_channels}, out_channels={self.out_channels}, "
+                f"kernel_size={self.kernel_size}, rank={self.rank}, conv_scheme={self.conv_scheme!r}")
+
+
+class SparseLinear(nn.Module):
+    """y = W x + b with W (out × in) held in CSR form: ``crow_indices`` (out + 1), ``col_indices`` and ``values``
+    (nnz each), as buffers, indices in int32 when they fit (faster on CPU, and 4 bytes less per nonzero).
+
+    Args:
+        in_features, out_features: the dense layer's sizes.
+        nnz: number of stored nonzeros.
+        bias: keep a dense bias.
+
+    Use :meth:`from_dense` or :meth:`from_indices` to build one from a layer.
+    """
+
+    def __init__(self, in_features: int, out_features: int, nnz: int, bias: bool = True) -> None:
+        super().__init__()
+        self.in_features, self.out_features = int(in_features), int(out_features)
+        idx_dtype = torch.int32 if max(nnz, in_features) < 2**31 else torch.int64
+        self.register_buffer("crow_indices", torch.zeros(self.out_features + 1, dtype=idx_dtype))
+        self.register_buffer("col_indices", torch.zeros(int(nnz), dtype=idx_dtype))
+        self.register_buffer("values", torch.zeros(int(nnz)))
+        self.bias = nn.Parameter(torch.zeros(self.out_features)) if bias else None
+
+    @property
+    def nnz(self) -> int:
+        return int(self.values.numel())
+
+    @property
+    def density(self) -> float:
+        return self.nnz / max(1, self.in_features * self.out_features)
+
+    @classmethod
+    def from_indices(cls, linear: nn.Linear, indices: Tensor, values: Tensor) -> "SparseLinear":
+        """The layer whose weight is zero except ``weight.view(-1)[indices] = values`` (``linear``'s bias).
+
+        Raises:
+            ValueError: indices out of range, unsorted or repeated, or a length mismatch with ``values``.
+        """
+        o, i = linear.out_features, linear.in_features
+        idx = indices.reshape(-1).long().cpu()
+        vals = values.reshape(-1)
+        if idx.numel() != vals.numel():
+            raise ValueError(f"SparseLinear: {idx.numel()} indices but {vals.numel()} values")
+        if idx.numel() and (int(idx[0]) < 0 or int(idx[-1]) >= o * i or bool((idx[1:] <= idx[:-1]).any())):
+            raise ValueError(f"SparseLinear: indices must be strictly increasing and in [0, {o * i})")
+        p = linear.weight
+        m = cls(i, o, idx.numel(), bias=linear.bias is not None).to(dtype=p.dtype)
+        rows = torch.div(idx, i, rounding_mode="floor")
+        counts = torch.bincount(rows, minlength=o)
+        crow = torch.zeros(o + 1, dtype=torch.int64)
+        crow[1:] = torch.cumsum(counts, 0)
+        m.crow_indices = crow.to(m.crow_indices.dtype)
+        m.col_indices = (idx - rows * i).to(m.col_indices.dtype)
+        m.values = vals.detach().to("cpu", p.dtype).clone()
+        if linear.bias is not None:
+            with torch.no_grad():
+                m.bias.copy_(linear.bias)
+        return m.to(p.device)
+
+    @classmethod
+    def from_dense(cls, linear: nn.Linear) -> "SparseLinear":
+        """The layer holding ``linear``'s nonzero weights."""
+        flat = linear.weight.detach().reshape(-1)
+        idx = torch.nonzero(flat).reshape(-1)
+        return cls.from_indices(linear, idx, flat[idx])
+
+    def weight_csr(self) -> Tensor:
+        """The weight as a torch sparse CSR tensor sharing memory with the buffers.
+
+        Built once and reused while the buffers stay the same tensors (a ``.to()`` or a load rebuilds it).
+        """
+        bufs = (self.crow_indices, self.col_indices, self.values)
+        key = tuple((b.data_ptr(), b.device, b.dtype, b.numel()) for b in bufs)
+        cached = self.__dict__.get("_csr")
+        if cached is None or cached[0] != key:
+            w = torch.sparse_csr_tensor(*bufs, (self.out_features, self.in_features), check_invariants=False)
+            self.__dict__["_csr"] = cached = (key, w)
+        return cached[1]
+
+    def forward(self, x: Tensor) -> Tensor:
+        lead = x.shape[:-1]
+        xt = x.reshape(-1, self.in_features).t().contiguous()
+        # W @ Xᵀ with a contiguous right-hand side is the fastest CSR × dense product on CPU; addmm adds the bias
+        # in the same kernel
+        w = self.weight_csr()
+        y = w @ xt if self.bias is None else torch.addmm(self.bias.unsqueeze(1), w, xt)
+        return y.t().reshape(*lead, self.out_features)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, nnz={self.nnz}, "
+                f"density={self.density:.4f}")
+
+
+def _codes_dtype(k: int) -> torch.dtype:
+    return torch.uint8 if k <= 256 else (torch.int16 if k <= 2**15 else torch.int32)
+
+
+def _decode(codebook: Tensor, codes: Tensor) -> Tensor:
+    # int32 indices: index_select accepts them and ONNX maps the gather to one Gather node
+    return codebook.index_select(0, codes.reshape(-1).to(torch.int32)).reshape(codes.shape)
+
+
+class CodebookLinear(nn.Module):
+    """A Linear layer with weight codebook[codes]: ``codes`` (out, in) integers (uint8 for K ≤ 256) and
+    ``codebook`` (K,) float32 are buffers, and the weight is decoded in each ``forward`` call.
+
+    Args:
+        in_features, out_features: the layer's sizes.
+        k: the codebook size K.
+        bias: keep a dense bias.
+    """
+
+    def __init__(self, in_features: int, out_features: int, k: int, bias: bool = True) -> None:
+        super().__init__()
+        self.in_features, self.out_features, self.k = int(in_features), int(out_features), int(k)
+        self.register_buffer("codes", torch.zeros(self.out_features, self.in_features, dtype=_codes_dtype(self.k)))
+        self.register_buffer("codebook", torch.zeros(self.k))
+        self.bias = nn.Parameter(torch.zeros(self.out_features)) if bias else None
+
+    @classmethod
+    def from_codes(cls, linear: nn.Linear, codebook: Tensor, codes: Tensor) -> "CodebookLinear":
+        """The layer with weight ``codebook[codes]`` and ``linear``'s bias.
+
+        ``codebook`` is kept as given when it already has the layer's dtype and device, so several layers of a
+        joint task share one codebook tensor.
+
+        Raises:
+            ValueError: ``codes`` does not have the weight's number of elements, or holds a code ≥ K.
+        """
+        p = linear.weight
+        m = cls(linear.in_features, linear.out_features, codebook.numel(), bias=linear.bias is not None)
+        m.to(p.device, p.dtype)
+        _fill_codes(m, codebook, codes, p, "CodebookLinear")
+        if linear.bias is not None:
+            with torch.no_grad():
+                m.bias.copy_(linear.bias)
+        return m
+
+    def decoded_weight(self) -> Tensor:
+        """The decoded weight codebook[codes] (a new tensor)."""
+        return _decode(self.codebook, self.codes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.decoded_weight(), self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, k={self.k}"
+
+
+def _fill_codes(m: nn.Module, codebook: Tensor, codes: Tensor, p: Tensor, what: str) -> None:
+    if codes.numel() != p.numel():
+        raise ValueError(f"{what}: {codes.numel()} codes for a weight of shape {tuple(p.shape)}")
+    if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= codebook.numel()):
+        raise ValueError(f"{what}: codes must lie in [0, {codebook.numel()})")
+    cb = codebook.detach() if codebook.requires_grad else codebook
+    if cb.dtype != p.dtype or cb.device != p.device:
+        cb = cb.to(p.device, p.dtype)
+    m.codebook = cb if cb.dim() == 1 else cb.reshape(-1)
+    m.codes = codes.detach().reshape(p.shape).to(p.device, _codes_dtype(codebook.numel()))
+
+
+def _conv_padding(padding, kernel_size, dilation) -> list[int]:
+    """F.pad amounts (left, right, top, bottom) for an nn.Conv2d padding spec."""
+    if padding == "valid":
+        return [0, 0, 0, 0]
+    if padding == "same":
+        out = []
+        for k, d in zip(reversed(kernel_size), reversed(dilation)):
+            total = d * (k - 1)
+            out += [total // 2, total - total // 2]
+        return out
+    ph, pw = _pair(padding)
+    return [pw, pw, ph, ph]
+
+
+class CodebookConv2d(nn.Module):
+    """A Conv2d with weight codebook[codes] decoded in each ``forward`` call (see :class:`CodebookLinear`).
+
+    Args:
+        in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode: as for
+            :class:`torch.nn.Conv2d`.
+        k: the codebook size K.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size,
+        k: int,
+        stride=1,
+        padding=0,
+        dilation=1,
+        groups: int = 1,
+        bias: bool = True,
+        padding_mode: str = "zeros",
+    ) -> None:
+        super().__init__()
+        self.in_channels, self.out_channels, self.k, self.groups = int(in_channels), int(out_channels), int(k), groups
+        self.kernel_size, self.stride, self.dilation = _pair(kernel_size), _pair(stride), _pair(dilation)
+        self.padding = padding if isinstance(padding, str) else _pair(padding)
+        self.padding_mode = padding_mode
+        shape = (self.out_channels, self.in_channels // groups, *self.kernel_size)
+        self.register_buffer("codes", torch.zeros(shape, dtype=_codes_dtype(self.k)))
+        self.register_buffer("codebook", torch.zeros(self.k))
+        self.bias = nn.Parameter(torch.zeros(self.out_channels)) if bias else None
+
+    @classmethod
+    def from_codes(cls, conv: nn.Conv2d, codebook: Tensor, codes: Tensor) -> "CodebookConv2d":
+        """The conv with ``conv``'s geometry and bias and weight ``codebook[codes]``.
+
+        Raises:
+            ValueError: ``codes`` does not have the weight's number of elements, or holds a code ≥ K.
+        """
+        p = conv.weight
+        m = cls(conv.in_channels, conv.out_channels, conv.kernel_size, codebook.numel(), conv.stride, conv.padding,
+                conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode)
+        m.to(p.device, p.dtype)
+        _fill_codes(m, codebook, codes, p, "CodebookConv2d")
+        if conv.bias is not None:
+            with torch.no_grad():
+                m.bias.copy_(conv.bias)
+        return m
+
+    def decoded_weight(self) -> Tensor:
+        """The decoded weight codebook[codes] (a new tensor)."""
+        return _decode(self.codebook, self.codes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        w = self.decoded_weight()
+        if self.padding_mode != "zeros":
+            x = F.pad(x, _conv_padding(self.padding, self.kernel_size, self.dilation), mode=self.padding_mode)
+            return F.conv2d(x, w, self.bias, self.stride, 0, self.dilation, self.groups)
+        return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, k={self.k}, "
+                f"stride={self.stride}, padding={self.padding}")
+
+
+# ---- converting a model ------------------------------------------------------------------------------------
+def task_specs(
+    param_names: Sequence[str],
+    shapes: Sequence[Sequence[int]],
+    theta: Mapping[str, Any],
+    conv_scheme: str = "scheme_1",
+) -> dict[str, dict[str, Any]]:
+    """Split one task's Θ into per-parameter compact forms for :func:`compact_model`.
+
+    The kind of Θ is read from its keys (the layouts of :mod:`lcompress.compressions`):
+
+    * ``{"codebook", "codes"}`` → ``{"kind": "codebook", "codebook", "codes"}`` per parameter; a joint task's
+      parameters all get the same codebook tensor (one codebook in memory);
+    * ``{"indices", "values", "n"}`` → ``{"kind": "sparse", "indices", "values"}`` per parameter, each with the
+      indices into its own flattened weight (a joint pruning task becomes per-layer sparse weights);
+    * ``{"A", "B"}`` (one parameter) → ``{"kind": "lowrank", "A", "B", "conv_scheme"}``;
+    * anything else (e.g. an additive combination) → no entry: the layer stays dense with Δ(Θ) as its weight.
+
+    Args:
+        param_names: the task's parameters in task order.
+        shapes: their shapes.
+        theta: the task's Θ (``compression.theta`` or a decoded file Θ).
+        conv_scheme: the matrix view of a low-rank task.
+
+    Returns:
+        ``{parameter name: spec}``.
+
+    Raises:
+        ValueError: Θ does not cover the parameters' sizes.
+    """
+    names = list(param_names)
+    numels = [math.prod(s) for s in shapes]
+    total = sum(numels)
+    keys = set(theta)
+    out: dict[str, dict[str, Any]] = {}
+    if {"codebook", "codes"} <= keys:
+        codes = theta["codes"].reshape(-1)
+        if codes.numel() != total:
+            raise ValueError(f"Θ has {codes.numel()} codes for parameters {names} with {total} weights")
+        o = 0
+        for n, s, k in zip(names, shapes, numels):
+            out[n] = {"kind": "codebook", "codebook": theta["codebook"], "codes": codes[o : o + k].reshape(tuple(s))}
+            o += k
+    elif {"indices", "values", "n"} <= keys:
+        if int(theta["n"]) != total:
+            raise ValueError(f"Θ is a sparse vector of length {theta['n']}; parameters {names} have {total} weights")
+        idx, vals = theta["indices"].reshape(-1), theta["values"].reshape(-1)
+        bounds = torch.tensor([0] + numels, dtype=torch.int64, device=idx.device).cumsum(0)
+        cuts = torch.searchsorted(idx, bounds).tolist()
+        for j, n in enumerate(names):
+            lo, hi = cuts[j], cuts[j + 1]
+            out[n] = {"kind": "sparse", "indices": idx[lo:hi] - int(bounds[j]), "values": vals[lo:hi]}
+    elif {"A", "B"} <= keys and len(names) == 1:
+        out[names[0]] = {"kind": "lowrank", "A": theta["A"], "B": theta["B"], "conv_scheme": conv_scheme}
+    return out
+
+
+def _module_slots(model: nn.Module) -> dict[str, list[tuple[nn.Module, str]]]:
+    """{module name: every (parent, attribute) that holds that module} (a module reused twice is listed once,
+    under its first name, with both slots)."""
+    by_id: dict[int, str] = {}
+    seen: set[tuple[int, str]] = set()
+    slots: dict[str, list[tuple[nn.Module, str]]] = {}
+    for pname, parent in model.named_modules(remove_duplicate=False):
+        for cname, child in parent._modules.items():  # named_children() would skip a repeated child
+            if child is None or (id(parent), cname) in seen:
+                continue
+            seen.add((id(parent), cname))
+            full = f"{pname}.{cname}" if pname else cname
+            first = by_id.setdefault(id(child), full)
+            slots.setdefault(first, []).append((parent, cname))
+    return slots
+
+
+def compact_model(
+    model: nn.Module,
+    specs: Mapping[str, Mapping[str, Any]],
+    sparse_density: float = SPARSE_CROSSOVER_DENSITY,
+) -> dict[str, str]:
+    """Replace layers whose weight has a compact form by compact modules, in place.
+
+    ``specs`` maps a weight's parameter name (``"fc1.weight"``) to a spec from :func:`task_specs`. For each one
+    whose owner is an ``nn.Linear`` or ``nn.Conv2d``:
+
+    * codebook → :class:`CodebookLinear` / :class:`CodebookConv2d`;
+    * low-rank → :class:`LowRankLinear` / :class:`LowRankConv2d` (when the factors are smaller than the weight
+      and, for a conv, ``groups == 1``);
+    * sparse → :class:`SparseLinear` when the density is below ``sparse_density``.
+
+    Any other layer keeps its dense weight (load Δ(Θ) into the model first, as :func:`lcompress.load` does).
+    Biases are copied from the layers. A module that appears at several places is replaced at each.
+
+    Args:
+        model: the model holding the decoded weights.
+        specs: ``{weight name: spec}``.
+        sparse_density: the density threshold for :class:`SparseLinear`
+            (default :data:`SPARSE_CROSSOVER_DENSITY`).
+
+    Returns:
+        ``{module name: compact class name}`` for every replaced module.
+    """
+    if not (isinstance(sparse_density, (int, float)) and 0.0 <= sparse_density <= 1.0):
+        raise ValueError(f"sparse_density={sparse_density!r} must be a number in [0, 1]")
+    modules = dict(model.named_modules())
+    slots = _module_slots(model)
+    done: dict[str, str] = {}
+    for pname, spec in specs.items():
+        mname, _, attr = pname.rpartition(".")
+        mod = modules.get(mname)
+        if attr != "weight" or mod is None or type(mod) not in (nn.Linear, nn.Conv2d) or mname in done:
+            continue
+        new = _compact_layer(mod, spec, sparse_density, pname)
+        if new is None:
+            continue
+        new.train(mod.training)
+        for parent, cname in slots.get(mname, []):
+            setattr(parent, cname, new)
+        done[mname] = type(new).__name__
+    for m, c in done.items():
+        logger.debug("compact_model: %s -> %s", m, c)
+    return done
+
+
+def _compact_layer(mod: nn.Module, spec: Mapping[str, Any], sparse_density: float, pname: str) -> nn.Module | None:
+    kind = spec.get("kind")
+    linear = isinstance(mod, nn.Linear)
+    if kind == "codebook":
+        return (CodebookLinear if linear else CodebookConv2d).from_codes(mod, spec["codebook"], spec["codes"])
+    if kind == "lowrank":
+        a, b = spec["A"], spec["B"]
+        if a.numel() + b.numel() >= mod.weight.numel():
+            return None
+        if linear:
+            return LowRankLinear.from_factors(mod, a, b)
+        if mod.groups != 1:
+            logger.info("compact_model: %s has groups=%d; kept dense", pname, mod.groups)
+            return None
+        return LowRankConv2d.from_factors(mod, a, b, spec.get("conv_scheme", "scheme_1"))
+    if kind == "sparse" and linear:
+        if spec["indices"].numel() < sparse_density * mod.weight.numel():
+            return SparseLinear.from_indices(mod, spec["indices"], spec["values"])
+    return None
+
+
+# ---- structure learning ------------------------------------------------------------------------------------
+@torch.no_grad()
+def remove_dead_neurons(
+    model: nn.Module,
+    chain: Sequence[str],
+    activation: Callable[[Tensor], Tensor] = F.relu,
+) -> dict[str, Any]:
+    """Remove hidden units of a chain of Linear layers that cannot affect the output; shrink the layers in place.
+
+    The chain is layers L₀ → f → L₁ → f → … → L_last, with an elementwise activation f between consecutive
+    layers. A unit j of layer i < last is removed when
+
+    * it is **dead**: row j of Wᵢ is zero, so its output is the constant f(bᵢⱼ); that constant times column j
+      of Wᵢ₊₁ is folded into bᵢ₊₁ (a bias is created if the next layer had none), or
+    * it is **unused**: column j of Wᵢ₊₁ is zero.
+
+    Removing units can zero more rows and columns, so the rules are applied until nothing changes. The chain's
+    inputs and the last layer's outputs are kept (the model's interface does not change); the number of inputs
+    still used (nonzero columns of W₀) is reported.
+
+    Args:
+        model: the model holding the layers (modified in place: shrunk ``nn.Linear`` modules replace the old ones).
+        chain: names of the ``nn.Linear`` modules, in order.
+        activation: the elementwise f between the layers (default ReLU); used only to fold dead units' f(b).
+
+    Returns:
+        ``{"inputs_used": int, "sizes_before": [...], "sizes_after": [...], "removed": {layer: units}}`` where the
+        sizes are (inputs, units of each layer).
+
+    Raises:
+        ValueError: fewer than two layers, an unknown name, or consecutive layers whose sizes do not chain.
+        TypeError: a named module is not an ``nn.Linear``.
+    """
+    chain = list(chain)
+    if len(chain) < 2:
+        raise ValueError(f"chain={chain!r} must name at least two Linear layers")
+    modules = dict(model.named_modules())
+    layers = []
+    for n in chain:
+        if n not in modules:
+            raise ValueError(f"chain: no module named {n!r}")
+        if type(modules[n]) is not nn.Linear:
+            raise TypeError(f"chain: {n!r} is a {type(modules[n]).__name__}, not an nn.Linear")
+        layers.append(modules[n])
+    for (n0, l0), (n1, l1) in zip(zip(chain, layers), zip(chain[1:], layers[1:])):
+        if l0.out_features != l1.in_features:
+            raise ValueError(f"chain: {n0!r} has {l0.out_features} outputs but {n1!r} takes {l1.in_features} inputs")
+    ws = [l.weight.detach().clone() for l in layers]
+    bs = [None if l.bias is None else l.bias.detach().clone() for l in layers]
+    sizes_before = [ws[0].shape[1]] + [w.shape[0] for w in ws]
+    removed = {n: 0 for n in chain[:-1]}
+    changed = True
+    while changed:
+        changed = False
+        for i in range(len(ws) - 1):
+            w, nxt = ws[i], ws[i + 1]
+            dead = (w == 0).all(dim=1)
+            unused = (nxt == 0).all(dim=0)
+            drop = dead | unused
+            if not bool(drop.any()):
+                continue
+            fold = dead & ~unused
+            if bool(fold.any()):
+                bias = bs[i][fold] if bs[i] is not None else torch.zeros(int(fold.sum()), dtype=w.dtype, device=w.device)
+                const = activation(bias)
+                if bool((const != 0).any()):
+                    add = nxt[:, fold] @ const
+                    bs[i + 1] = add if bs[i + 1] is None else bs[i + 1] + add
+            keep = ~drop
+            ws[i] = w[keep]
+            if bs[i] is not None:
+                bs[i] = bs[i][keep]
+            ws[i + 1] = nxt[:, keep]
+            removed[chain[i]] += int(drop.sum())
+            changed = True
+    slots = _module_slots(model)
+    for name, old, w, b in zip(chain, layers, ws, bs):
+        if w.shape == old.weight.shape and (b is None) == (old.bias is None):
+            if b is not None:
+                old.bias.copy_(b)
+            continue
+        with warnings.catch_warnings():  # a layer left with no units warns that its init is a no-op
+            warnings.simplefilter("ignore", UserWarning)
+            new = torch.nn.utils.skip_init(nn.Linear, w.shape[1], w.shape[0], bias=b is not None, device=w.device,
+                                           dtype=w.dtype)
+        new.weight.copy_(w)
+        if b is not None:
+            new.bias.copy_(b)
+        new.train(old.training)
+        for parent, cname in slots[name]:
+            setattr(parent, cname, new)
+    sizes_after = [ws[0].shape[1]] + [w.shape[0] for w in ws]
+    inputs_used = int((ws[0] != 0).any(dim=0).sum())
+    logger.info("remove_dead_neurons: %s -> %s (%d inputs used)", sizes_before, sizes_after, inputs_used)
+    return {"inputs_used": inputs_used, "sizes_before": sizes_before, "sizes_after": sizes_after, "removed": removed}

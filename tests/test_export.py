@@ -1,0 +1,406 @@
+"""The .lcz file format: round trips for every compression, the size bound, and corrupted-file errors."""
+import json
+import math
+import os
+import struct
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import lcompress as lc
+from lcompress import export
+from lcompress.models import get_model
+from lcompress.sizes import support_bits
+
+BOUND_SLACK, BOUND_FIXED = 1.02, 4096
+
+
+class Small(nn.Module):
+    """conv (3→8, 3×3) + BN + two Linear layers; input (N, 3, 8, 8)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.fc1 = nn.Linear(8 * 4 * 4, 40)
+        self.fc2 = nn.Linear(40, 10)
+
+    def forward(self, x):
+        x = F.max_pool2d(F.relu(self.bn(self.conv(x))), 2)
+        return self.fc2(F.relu(self.fc1(x.flatten(1))))
+
+
+def _small():
+    m = Small()
+    with torch.no_grad():  # non-trivial BN statistics
+        m.bn.running_mean.uniform_(-0.5, 0.5)
+        m.bn.running_var.uniform_(0.5, 2.0)
+        m.bn.num_batches_tracked.fill_(7)
+    return m.eval()
+
+
+def _rel(a, b):
+    return float((a - b).detach().abs().max() / b.detach().abs().max().clamp_min(1e-30))
+
+
+def _roundtrip(alg, tmp_path, x, factory, compact=True):
+    """Save, check the bound and bits, load into a fresh skeleton from ``factory()``; return (file bytes, report)."""
+    path = tmp_path / "model.lcz"
+    info = alg.export(path)
+    size = os.path.getsize(path)
+    assert info["file_bytes"] == size
+    rep = alg.size_report()
+    assert size <= BOUND_SLACK * rep["compressed_bits"] / 8 + BOUND_FIXED, (size, rep["compressed_bits"] / 8)
+    header = export.read(path)["header"]
+    for t, row in zip(header["tasks"], rep["tasks"]):
+        assert t["bits"] == row["bits"], t["name"]  # bits written = bits counted
+        assert t["bytes"] * 8 - t["bits"] < 8 * 8  # each segment rounds up to whole bytes, a few segments per task
+    alg.model.eval()
+    with alg.compressed():
+        ref = alg.model(x)
+    skeleton = factory().eval()
+    out = lc.load(path, skeleton)
+    assert out is skeleton
+    assert _rel(skeleton(x), ref) <= 1e-6
+    for n, d in alg.decompressed().items():
+        assert torch.allclose(skeleton.state_dict()[n], d, rtol=1e-6, atol=1e-7), n
+    if compact:
+        c = factory().eval()
+        lc.load(path, c, compact=True)
+        assert _rel(c(x), ref) <= 1e-5
+    return size, rep
+
+
+X = torch.randn(4, 3, 8, 8)
+W3 = ("conv.weight", "fc1.weight", "fc2.weight")
+
+
+def _cases():
+    fa = torch.randint(0, 5, (40 * 128,), generator=torch.Generator().manual_seed(1))
+    fa300 = torch.randint(0, 300, (40 * 128,), generator=torch.Generator().manual_seed(2))
+    return {
+        "adaptive_k4": {"re:(conv|fc\\d)\\.weight": lc.AdaptiveQuantization(4)},
+        "adaptive_k1": {"fc2.weight": lc.AdaptiveQuantization(1)},
+        "adaptive_k6_exact": {"fc1.weight": lc.AdaptiveQuantization(6, exact=True)},
+        "fixed_assignment_k300": {"fc1.weight": lc.FixedAssignmentQuantization(fa300, k=300)},  # 9-bit codes, int64
+        "binary": {"re:(conv|fc\\d)\\.weight": lc.BinaryQuantization()},
+        "scaled_binary": {"re:(conv|fc\\d)\\.weight": lc.ScaledBinaryQuantization()},
+        "ternary": {"re:(conv|fc\\d)\\.weight": lc.TernaryQuantization()},
+        "scaled_ternary": {"re:(conv|fc\\d)\\.weight": lc.ScaledTernaryQuantization()},
+        "powers_of_two": {"re:(conv|fc\\d)\\.weight": lc.PowersOfTwoQuantization(4)},
+        "fixed_assignment": {"fc1.weight": lc.FixedAssignmentQuantization(fa, k=5)},
+        "l0_float32": {"re:(conv|fc\\d)\\.weight": lc.ConstraintL0Pruning(30)},
+        "l0_float16": {"re:(conv|fc\\d)\\.weight": lc.ConstraintL0Pruning(30, value_dtype="float16")},
+        "l0_bfloat16_dense_support": {"fc1.weight": lc.ConstraintL0Pruning(3000, value_dtype="bfloat16")},
+        "l0_all_kept": {"fc2.weight": lc.ConstraintL0Pruning(400)},
+        "l1": {"fc1.weight": lc.ConstraintL1Pruning(5.0)},
+        "penalty_l0": {"fc1.weight": lc.PenaltyL0Pruning(1e-3)},
+        "penalty_l1": {"fc1.weight": lc.PenaltyL1Pruning(1e-3)},
+        "lowrank_linear": {"fc1.weight": lc.LowRank(3)},
+        "lowrank_conv_scheme_1": {"conv.weight": lc.LowRank(2, conv_scheme="scheme_1")},
+        "lowrank_conv_scheme_2": {"conv.weight": lc.LowRank(2, conv_scheme="scheme_2")},
+        "rank_selection": {"fc1.weight": lc.RankSelection(1e-4), "conv.weight": lc.RankSelection(1e-4,
+                                                                                              conv_scheme="scheme_2")},
+        "additive_quant_prune": {"fc1.weight": lc.AdaptiveQuantization(2) + lc.ConstraintL0Pruning(50)},
+        "additive_lowrank_prune_conv": {"conv.weight": lc.LowRank(1) + lc.ConstraintL0Pruning(20, value_dtype="fp16")},
+        "additive_three": {"fc2.weight": lc.ScaledTernaryQuantization() + lc.LowRank(1) + lc.ConstraintL0Pruning(9)},
+        "joint_quant": {W3: lc.AdaptiveQuantization(4)},
+        "joint_prune": {W3: lc.ConstraintL0Pruning(100), "fc1.bias": lc.BinaryQuantization()},
+        "mixed": {"conv.weight": lc.LowRank(2, conv_scheme="scheme_2"), "fc1.weight": lc.ConstraintL0Pruning(200),
+                  "fc2.weight": lc.AdaptiveQuantization(3), ("bn.weight", "bn.bias"): lc.AdaptiveQuantization(2)},
+    }
+
+
+@pytest.mark.parametrize("case", list(_cases()))
+def test_roundtrip_every_compression(case, tmp_path):
+    model = _small()
+    alg = lc.LC(model, _cases()[case])
+    if case.startswith(("penalty", "rank_selection")):
+        # the penalty forms compress everything at μ → 0⁺; a C step at a moderate μ keeps some weights
+        alg.c_step(10.0)
+        assert any(t.compression.count_params() > 0 for t in alg.tasks)
+    elif not case.startswith(("adaptive", "joint_quant", "additive")):  # (k-means C steps are slow on CPU)
+        with torch.no_grad():  # perturb the weights and take a C step, so Θ is not the first one
+            for p in model.parameters():
+                p.add_(0.01 * torch.randn_like(p))
+        alg.c_step(1e-2)
+    _roundtrip(alg, tmp_path, X, Small)
+
+
+def test_lenet300_k2_is_about_one_thirtieth(tmp_path):
+    model = get_model("lenet300").eval()
+    alg = lc.LC(model, {"re:fc\\d\\.weight": lc.AdaptiveQuantization(2)})
+    size, rep = _roundtrip(alg, tmp_path, torch.randn(8, 784), lambda: get_model("lenet300"))
+    dense = sum(v.numel() * v.element_size() for v in model.state_dict().values())
+    assert 29 <= dense / size <= 32
+
+
+def test_resnet20_many_small_tensors(tmp_path):
+    model = get_model("resnet20").eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.1, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+    tasks = {
+        "re:layer1\\..*conv\\d\\.weight": lc.BinaryQuantization(),
+        "re:layer2\\..*conv\\d\\.weight": lc.ScaledTernaryQuantization(),
+        ("re:layer3\\..*conv\\d\\.weight",): lc.ConstraintL0Pruning(2000, value_dtype="float16"),
+        "re:.*bn\\d\\.bias": lc.AdaptiveQuantization(2),
+        "fc.weight": lc.LowRank(4),
+    }
+    alg = lc.LC(model, tasks)
+    assert len(alg.tasks) > 25
+    _roundtrip(alg, tmp_path, torch.randn(2, 3, 32, 32), lambda: get_model("resnet20"))
+
+
+def test_shared_parameters_stored_once(tmp_path):
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(16, 16)
+            self.b = nn.Linear(16, 16)
+            self.b.bias = self.a.bias  # a dense tensor under two names
+            self.c = nn.Linear(16, 16)
+            self.c.weight = self.a.weight  # a compressed tensor under two names
+
+        def forward(self, x):
+            return self.c(self.b(self.a(x)))
+
+    torch.manual_seed(0)
+    model = Tied()
+    alg = lc.LC(model, {"a.weight": lc.AdaptiveQuantization(2)})
+    x = torch.randn(3, 16)
+    path = tmp_path / "t.lcz"
+    alg.export(path)
+    header = export.read(path)["header"]
+    assert header["blobs"]["dense"] == 4 * (16 + 16 * 16 + 16)  # a.bias once, b.weight, c.bias
+    with alg.compressed():
+        ref = model(x)
+    sk = Tied()
+    lc.load(path, sk)
+    assert _rel(sk(x), ref) <= 1e-6
+
+
+# ---- the bit-level codings against independent references -------------------------------------------------------
+def _ref_pack(values, width):
+    bits = "".join(format(int(v), f"0{width}b")[::-1] for v in values) if width else ""
+    bits += "0" * (-len(bits) % 8)
+    return bytes(int(bits[i : i + 8][::-1], 2) for i in range(0, len(bits), 8))
+
+
+@pytest.mark.parametrize("width", [0, 1, 2, 3, 4, 5, 7, 8, 9, 13, 16, 17, 31, 32])
+@pytest.mark.parametrize("n", [0, 1, 7, 8, 9, 100])
+def test_pack_bits_against_reference(width, n):
+    g = torch.Generator().manual_seed(width * 1000 + n)
+    v = torch.randint(0, 2**width, (n,), generator=g, dtype=torch.int64) if width else torch.zeros(n, dtype=torch.int64)
+    packed = export.pack_bits(v, width)
+    assert packed == _ref_pack(v.tolist(), width)
+    assert len(packed) == math.ceil(n * width / 8)
+    assert export.unpack_bits(packed, n, width).tolist() == v.tolist()
+
+
+def test_pack_bits_large_generic_width_chunks():
+    v = torch.randint(0, 2**11, (3 * 2**20 + 5,))
+    packed = export.pack_bits(v, 11)
+    assert len(packed) == math.ceil(v.numel() * 11 / 8)
+    assert torch.equal(torch.from_numpy(export.unpack_bits(packed, v.numel(), 11)), v)
+
+
+def test_pack_bits_rejects_values_that_do_not_fit():
+    with pytest.raises(ValueError, match="2\\*\\*3"):
+        export.pack_bits(torch.tensor([8]), 3)
+    with pytest.raises(ValueError, match="width"):
+        export.pack_bits(torch.tensor([1]), 33)
+
+
+@pytest.mark.parametrize("density", [0.001, 0.02, 0.3, 0.9])
+def test_support_coding_matches_size_accounting(density):
+    n = 5000
+    idx = torch.nonzero(torch.rand(n, generator=torch.Generator().manual_seed(3)) < density).reshape(-1)
+    comp = lc.ConstraintL0Pruning(idx.numel())
+    w = torch.zeros(n)
+    w[idx] = torch.rand(idx.numel()) + 1.0
+    comp.compress(w)
+    wr = export._Writer()
+    rec, bits = export._encode(comp, wr, "t")
+    assert bits == comp.count_bits()
+    scheme, sbits, width = support_bits(idx, n)
+    assert rec["support"] == scheme
+    seg = rec["mask"] if scheme == "bitmask" else rec["deltas"]
+    assert seg[1] == math.ceil(sbits / 8)
+    blob = torch.frombuffer(bytearray(b"".join(wr.blobs["theta"])), dtype=torch.uint8)
+    theta = export._decode(rec, export._Reader({"theta": blob}), comp.config(), "t")
+    assert torch.equal(theta["indices"], idx)
+    assert torch.equal(theta["values"], w[idx])
+
+
+def test_support_coding_uses_escapes_for_long_gaps():
+    # positions far apart with a narrow best width exercise the escape symbol
+    idx = torch.tensor([0, 1, 2, 3, 4, 5, 6, 7, 2000, 2001, 2002, 2003, 2004, 2005, 2006, 9000])
+    width = 3
+    sym = export._delta_encode(idx.numpy(), width)
+    assert (sym == 7).sum() > 0
+    assert export._delta_decode(sym, width, idx.numel(), 10000).tolist() == idx.tolist()
+
+
+# ---- errors -------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def saved_bytes(tmp_path_factory):
+    torch.manual_seed(0)
+    model = get_model("lenet300").eval()
+    alg = lc.LC(model, {"fc1.weight": lc.AdaptiveQuantization(2), "fc2.weight": lc.ConstraintL0Pruning(500)})
+    path = tmp_path_factory.mktemp("lcz") / "m.lcz"
+    alg.export(path)
+    return path.read_bytes()
+
+
+@pytest.fixture
+def saved(tmp_path, saved_bytes):
+    path = tmp_path / "m.lcz"
+    path.write_bytes(saved_bytes)
+    return path
+
+
+def _frame(data):
+    n = struct.unpack("<Q", data[:8])[0]
+    return n, json.loads(data[8 : 8 + n])
+
+
+def _reframe(table, payload):
+    h = json.dumps(table, separators=(",", ":")).encode()
+    h += b" " * (-len(h) % 8)
+    return struct.pack("<Q", len(h)) + h + payload
+
+
+def test_flipped_payload_byte_is_a_checksum_error(saved):
+    data = bytearray(saved.read_bytes())
+    n, _ = _frame(data)
+    data[8 + n + 100] ^= 0x10
+    saved.write_bytes(data)
+    with pytest.raises(ValueError, match="checksum"):
+        lc.load(saved, get_model("lenet300"))
+
+
+def test_flipped_header_byte_is_an_error(saved):
+    data = bytearray(saved.read_bytes())
+    n, _ = _frame(data)
+    data[8 + n // 2] ^= 0x01
+    saved.write_bytes(data)
+    with pytest.raises(ValueError, match="corrupted|checksum|not a .lcz"):
+        export.read(saved)
+
+
+@pytest.mark.parametrize("keep", [0, 5, 8, 100, -1])
+def test_truncated_file(saved, keep):
+    data = saved.read_bytes()
+    saved.write_bytes(data[:keep] if keep >= 0 else data[:-1])
+    with pytest.raises(ValueError, match="truncated|not a .lcz"):
+        lc.load(saved, get_model("lenet300"))
+
+
+def test_newer_version(saved):
+    data = saved.read_bytes()
+    n, table = _frame(data)
+    table["__metadata__"]["version"] = str(export.VERSION + 1)
+    saved.write_bytes(_reframe(table, data[8 + n :]))
+    with pytest.raises(ValueError, match="newer"):
+        export.read(saved)
+
+
+def test_edited_header_fails_checksum(saved):
+    data = saved.read_bytes()
+    n, table = _frame(data)
+    import base64
+    import zlib
+
+    header = json.loads(zlib.decompress(base64.b64decode(table["__metadata__"]["header"])))
+    header["entries"][1][2] = [301]  # fc1.bias claims another shape
+    table["__metadata__"]["header"] = base64.b64encode(zlib.compress(json.dumps(header).encode())).decode()
+    saved.write_bytes(_reframe(table, data[8 + n :]))
+    with pytest.raises(ValueError, match="checksum"):
+        export.read(saved)
+
+
+def test_not_an_lcz_file(tmp_path):
+    from safetensors.torch import save_file
+
+    p = tmp_path / "plain.safetensors"
+    save_file({"w": torch.zeros(3)}, p)
+    with pytest.raises(ValueError, match="not a .lcz"):
+        export.read(p)
+    q = tmp_path / "junk.lcz"
+    q.write_bytes(b"\x05\x00\x00\x00\x00\x00\x00\x00hello")
+    with pytest.raises(ValueError, match="not a .lcz"):
+        export.read(q)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        lc.load(tmp_path / "nope.lcz", get_model("lenet300"))
+
+
+def _snapshot(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_renamed_parameter_is_named_and_skeleton_untouched(saved):
+    class Renamed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1 = nn.Linear(784, 300)
+            self.fc2 = nn.Linear(300, 100)
+            self.out = nn.Linear(100, 10)
+
+    sk = Renamed()
+    before = _snapshot(sk)
+    with pytest.raises(ValueError) as e:
+        lc.load(saved, sk)
+    assert "fc3.weight" in str(e.value) and "out.weight" in str(e.value)
+    assert all(torch.equal(before[k], v) for k, v in sk.state_dict().items())
+
+
+def test_reshaped_parameter_is_named_and_skeleton_untouched(saved):
+    sk = get_model("mlp", sizes=[784, 300, 99, 10])
+    before = _snapshot(sk)
+    with pytest.raises(ValueError, match="fc2.weight") as e:
+        lc.load(saved, sk)
+    assert "(100, 300)" in str(e.value) and "(99, 300)" in str(e.value)
+    assert all(torch.equal(before[k], v) for k, v in sk.state_dict().items())
+
+
+def test_dtype_mismatch_is_an_error(saved):
+    sk = get_model("lenet300").double()
+    with pytest.raises(ValueError, match="float64"):
+        lc.load(saved, sk)
+
+
+def test_strict_false_skips_extra_entries(saved):
+    sk = get_model("lenet300")
+    sk.register_buffer("extra", torch.ones(3))
+    with pytest.raises(ValueError, match="extra"):
+        lc.load(saved, sk)
+    lc.load(saved, sk, strict=False)
+    assert torch.equal(sk.extra, torch.ones(3))
+    assert torch.equal(sk.fc3.weight, export.read(saved)["state"]["fc3.weight"])
+
+
+def test_inspect_rows_add_up(saved):
+    rows = export.inspect(saved)
+    assert [r["task"] for r in rows] == ["fc1.weight", "fc2.weight", "(uncompressed)", "(header)"]
+    assert sum(r["file_bytes"] for r in rows) == os.path.getsize(saved)
+    assert rows[0]["compression"] == "AdaptiveQuantization" and rows[0]["shapes"] == [(300, 784)]
+    assert rows[0]["bits"] == 300 * 784 + 64
+    assert 31 < rows[0]["ratio"] < 32.1
+
+
+def test_file_is_plain_safetensors(saved):
+    from safetensors import safe_open
+
+    with safe_open(saved, "pt") as f:
+        meta = f.metadata()
+        assert meta["format"] == "lcompress.lcz" and meta["version"] == str(export.VERSION)
+        assert set(f.keys()) <= {"dense", "theta"}
+        assert all(f.get_tensor(k).dtype == torch.uint8 for k in f.keys())
