@@ -22,7 +22,7 @@ from .compressions import (
     ScaledTernaryQuantization,
     TernaryQuantization,
 )
-from .schedules import geometric
+from .schedules import auto_schedule, geometric
 
 
 def load(path, model, compact: bool = False, strict: bool = True):
@@ -38,6 +38,7 @@ __all__ = [
     "LC",
     "clip_lr",
     "geometric",
+    "auto_schedule",
     "load",
     "Compression",
     "NotCompressedError",

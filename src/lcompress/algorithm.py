@@ -113,6 +113,9 @@ class LC:
             ``"re:<pattern>"`` (each matching parameter its own task), see :mod:`lcompress.tasks`.
         multipliers: keep Lagrange multipliers λ (augmented Lagrangian); ``False`` gives the quadratic-penalty
             method (λ = 0 throughout).
+        direct_mu: μ for the initial direct compression. The default, μ → 0⁺, is the exact direct compression
+            for constraint forms; penalty forms (e.g. :class:`RankSelection`) compress everything away there, so
+            to compare against a meaningful direct compression pass the μ of interest (e.g. the schedule's last).
 
     Raises:
         TypeError, ValueError: bad keys or compressions, with the task named (see :func:`resolve_tasks`).
@@ -127,7 +130,13 @@ class LC:
             alg.c_step(mu)
     """
 
-    def __init__(self, model: nn.Module, tasks: Mapping[Any, Compression], multipliers: bool = True) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        tasks: Mapping[Any, Compression],
+        multipliers: bool = True,
+        direct_mu: float | None = None,
+    ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if not isinstance(multipliers, bool):
@@ -146,7 +155,10 @@ class LC:
         self._targets_mu: float | None = None
         self.mu: float | None = None  # μ of the last C step (None: only direct compression so far)
         self.step = 0  # number of C steps taken after direct compression
-        self._c_step(0.0, update_multipliers=False)
+        if direct_mu is not None:
+            direct_mu = _check_mu(direct_mu, "LC(direct_mu=...)")
+        self._c_step(direct_mu or 0.0, update_multipliers=False)
+        self.mu, self.step = None, 0
         logger.info("direct compression done: %s", self._size_line())
 
     # ---- the two steps ------------------------------------------------------------------------------------

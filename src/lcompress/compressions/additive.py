@@ -47,6 +47,7 @@ class AdditiveCombination(Compression):
         self.matrix = any(p.matrix for p in flat)
         self.conv_scheme = schemes.pop() if schemes else "scheme_1"
         self.contains_zero = all(p.contains_zero for p in flat)
+        self.penalty_form = any(p.penalty_form for p in flat)
         self.last_rounds = 0
 
     def __add__(self, other: Compression) -> "AdditiveCombination":

@@ -36,6 +36,9 @@ class Compression:
     matrix: bool = False
     #: True when Θ = 0 is feasible, i.e. Δ can be the zero tensor (used by additive combinations)
     contains_zero: bool = True
+    #: True for penalty forms (min α·C(Θ) + μ/2‖w − Δ(Θ)‖²), whose C step depends on μ; at μ → 0⁺ they
+    #: compress everything away, so their direct compression is taken at a given μ instead
+    penalty_form: bool = False
 
     def __init__(self) -> None:
         self._theta: dict[str, Any] | None = None

@@ -140,6 +140,8 @@ class RankSelection(_Factors):
         max_rank: optional upper bound on r.
     """
 
+    penalty_form = True
+
     def __init__(
         self,
         alpha: float,

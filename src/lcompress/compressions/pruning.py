@@ -157,6 +157,8 @@ class PenaltyL0Pruning(_Sparse):
         value_dtype: precision of the surviving values.
     """
 
+    penalty_form = True
+
     def __init__(self, alpha: float, value_dtype="float32") -> None:
         super().__init__(value_dtype)
         self.alpha = check_float("alpha", alpha, low=0.0)
@@ -175,6 +177,8 @@ class PenaltyL1Pruning(_Sparse):
         alpha: the penalty weight α ≥ 0.
         value_dtype: precision of the surviving values.
     """
+
+    penalty_form = True
 
     def __init__(self, alpha: float, value_dtype="float32") -> None:
         super().__init__(value_dtype)

@@ -1,0 +1,416 @@
+"""The ``lcompress`` command line. The only module that prints; every subcommand calls the library.
+
+Exit codes: 0 success, 2 bad input (config, missing files, bad arguments), 130 interrupted (Ctrl-C; what was done
+is kept and ``--resume`` continues).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130
+
+logger = logging.getLogger("lcompress.cli")
+
+
+class _Stop:
+    """Ctrl-C sets a flag that the run polls between minibatches; a second Ctrl-C aborts at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    def __call__(self) -> bool:
+        return self.requested
+
+    @contextmanager
+    def installed(self):
+        if os.environ.get("LOCAL_RANK") is not None and os.environ.get("RANK", "0") != "0":
+            yield self
+            return
+        old = signal.getsignal(signal.SIGINT)
+
+        def handler(signum, frame):
+            if self.requested:
+                raise KeyboardInterrupt
+            self.requested = True
+            print("\nlcompress: stopping after the current minibatch (Ctrl-C again to abort)", file=sys.stderr)
+
+        signal.signal(signal.SIGINT, handler)
+        try:
+            yield self
+        finally:
+            signal.signal(signal.SIGINT, old)
+
+
+def _setup_logging(verbose: int, quiet: bool, log_file: Path | None = None) -> None:
+    level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
+    root = logging.getLogger("lcompress")
+    root.setLevel(logging.DEBUG)
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    console = logging.StreamHandler(sys.stderr)
+    console.setLevel(level)
+    console.setFormatter(logging.Formatter("%(message)s"))
+    root.addHandler(console)
+    root.propagate = False
+    if log_file is not None:
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        fh = logging.FileHandler(log_file)
+        fh.setLevel(logging.DEBUG)
+        fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        root.addHandler(fh)
+
+
+@contextmanager
+def _bars_and_logs():
+    """Route log lines through tqdm so they do not break progress bars."""
+    try:
+        from tqdm.contrib.logging import logging_redirect_tqdm
+    except ImportError:  # pragma: no cover
+        yield
+        return
+    with logging_redirect_tqdm(loggers=[logging.getLogger("lcompress")]):
+        yield
+
+
+def _init_distributed() -> tuple[int, int]:
+    """Under torchrun (RANK/WORLD_SIZE set), join the process group: nccl on CUDA, gloo otherwise."""
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return 0, 1
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend)
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _parse_set(items: list[str] | None) -> dict[str, Any]:
+    """``--set key=value`` overrides; the value is read as TOML (numbers, booleans, strings, lists)."""
+    from .config import ConfigError, tomllib
+
+    out = {}
+    for it in items or []:
+        key, sep, val = it.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set {it!r}: expected key=value (e.g. schedule.steps=10)")
+        try:
+            out[key.strip()] = tomllib.loads(f"v = {val}")["v"]
+        except tomllib.TOMLDecodeError:
+            out[key.strip()] = val
+    return out
+
+
+# ---- subcommands ------------------------------------------------------------------------------------------------
+def cmd_train(args) -> int:
+    import torch
+
+    from .config import ConfigError, RunConfig, parse_config
+    from .experiment import load_data
+    from .models import get_model
+    from .training import evaluate, save_checkpoint, train_reference
+
+    _setup_logging(args.verbose, args.quiet)
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise ConfigError(f"--out {str(out)!r} exists; pass --overwrite to replace it")
+    model_args = _parse_set(args.model_arg)
+    cfg = parse_config({"model": {"name": args.model, "args": model_args}, "data": {"dataset": args.dataset},
+                        "tasks": [{"params": "re:.*", "compression": {"type": "BinaryQuantization"}}]})
+    data = load_data(cfg, args.data_dir)
+    torch.manual_seed(args.seed)
+    try:
+        model = get_model(args.model, **model_args)
+    except TypeError as e:
+        raise ConfigError(f"--model-arg: {e}") from None
+    with _bars_and_logs():
+        hist = train_reference(model, data, args.epochs, lr=args.lr, lr_decay=args.lr_decay, batch_size=args.batch_size,
+                               seed=args.seed, device=args.device, progress=not args.quiet, weight_decay=args.weight_decay)
+    err = evaluate(model, data.x_test.to(args.device), data.y_test.to(args.device))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(out, model, {"model": args.model, "args": model_args, "dataset": args.dataset, "epochs": args.epochs,
+                                 "seed": args.seed, "lr": args.lr, "test_error": err,
+                                 "train_loss": hist[-1]["loss"] if hist else None})
+    print(f"{args.model} on {args.dataset}: test error {err:.2f}% after {args.epochs} epochs -> {out}")
+    return 0
+
+
+def _final_table(res: dict[str, Any]) -> str:
+    from .demo import format_table
+
+    rows = [
+        {"model": "reference", "test_error": res["reference"]["test_error"], "ratio": 1.0},
+        {"model": "direct compression", "test_error": res["direct_compression"]["test_error"],
+         "ratio": res["direct_compression"]["ratio"]},
+        {"model": "LC", "test_error": res["final"]["test_error"], "ratio": res["final"]["ratio"]},
+    ]
+    return format_table(rows, [("model", "model", "s"), ("test_error", "test error %", ".2f"), ("ratio", "ratio", ".2f")])
+
+
+def cmd_compress(args) -> int:
+    from .config import ConfigError, load_config
+    from .experiment import RunInterrupted, run_compress
+
+    rank, world = _init_distributed()
+    overrides = _parse_set(args.set)
+    if args.resume:
+        run_dir = Path(args.resume)
+        if args.config is None:
+            cfg_file = run_dir / "config.json"
+            if not cfg_file.is_file():
+                raise ConfigError(f"--resume {str(run_dir)!r}: no config.json there")
+            from .config import parse_config
+
+            raw = json.loads(cfg_file.read_text())
+            cfg = parse_config(_raw_from_saved(raw), source=str(cfg_file))
+        else:
+            cfg = load_config(args.config, overrides)
+    else:
+        if args.config is None:
+            raise ConfigError("compress: a config file is needed (or --resume RUN_DIR)")
+        cfg = load_config(args.config, overrides)
+        run_dir = Path(args.out) if args.out else Path("runs") / cfg.name
+    _setup_logging(args.verbose, args.quiet or rank != 0, run_dir / "log.txt" if rank == 0 else None)
+    stop = _Stop()
+    try:
+        with stop.installed(), _bars_and_logs():
+            res = run_compress(cfg, run_dir, resume=bool(args.resume), force=args.force, data_dir=args.data_dir,
+                               progress=not args.quiet and rank == 0, should_stop=stop)
+    except RunInterrupted as e:
+        print(f"lcompress: interrupted: {e}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    if rank == 0:
+        print(_final_table(res))
+        print(f"run directory: {run_dir}")
+    return 0
+
+
+def _raw_from_saved(saved: dict[str, Any]) -> dict[str, Any]:
+    """A saved ``config.json`` back into the TOML shape (drop the keys parse_config derives)."""
+    raw = dict(saved)
+    raw["tasks"] = [dict(t) for t in saved["tasks"]]
+    sched = dict(saved["schedule"])
+    if sched.get("mu") == "geometric":
+        sched["mu"] = None
+    if isinstance(sched.get("mu"), list) or sched.get("mu") == "auto":
+        if sched.get("mu0") is None:
+            sched.pop("mu0", None)
+        if sched.get("factor") is None:
+            sched.pop("factor", None)
+    if sched.get("mu") is None:
+        sched.pop("mu")
+    raw["schedule"] = sched
+    ref = dict(saved["reference"])
+    raw["reference"] = {k: v for k, v in ref.items() if v is not None}
+    data = dict(saved["data"])
+    raw["data"] = {k: v for k, v in data.items() if v is not None}
+    return raw
+
+
+def cmd_sweep(args) -> int:
+    from .config import load_config
+    from .sweep import run_sweep
+    from .demo import format_table
+
+    base = load_config(args.config, _parse_set(args.set))
+    out = Path(args.out) if args.out else Path("runs") / f"sweep_{base.name}"
+    _setup_logging(args.verbose, args.quiet, out / "log.txt")
+    values = [_parse_set([f"v={v}"])["v"] for v in args.values]
+    stop = _Stop()
+    with stop.installed(), _bars_and_logs():
+        rows = run_sweep(args.config, args.vary, values, out, overrides=_parse_set(args.set),
+                         baselines=args.baselines.split(",") if args.baselines else None,
+                         data_dir=args.data_dir, progress=not args.quiet, should_stop=stop)
+    print(format_table(rows, [("value", args.vary, "s"), ("method", "method", "s"), ("test_error", "test error %", ".2f"),
+                              ("ratio", "ratio", ".2f")]))
+    print(f"CSV: {out / 'sweep.csv'}  plot: {out / 'sweep.png'}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import SCHEMES, format_table, run_demo
+
+    out = Path(args.out)
+    _setup_logging(args.verbose, args.quiet, out / "log.txt")
+    schemes = args.schemes.split(",") if args.schemes else None
+    for s in schemes or []:
+        if s not in SCHEMES:
+            from .config import ConfigError
+
+            raise ConfigError(f"--schemes: unknown scheme {s!r} (known: {', '.join(SCHEMES)})")
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        from .config import ConfigError
+
+        raise ConfigError(f"--out {str(out)!r} is not empty; pass --overwrite to replace the demo runs there")
+    if args.overwrite and out.exists():
+        import shutil
+
+        for name in SCHEMES:
+            shutil.rmtree(out / name, ignore_errors=True)
+    stop = _Stop()
+    try:
+        with stop.installed(), _bars_and_logs():
+            rows = run_demo(out, args.reference, schemes=schemes, steps=args.steps, data_dir=args.data_dir,
+                            progress=not args.quiet, should_stop=stop)
+    except Exception as e:
+        from .experiment import RunInterrupted
+
+        if isinstance(e, RunInterrupted):
+            print(f"lcompress: interrupted: {e}", file=sys.stderr)
+            return EXIT_INTERRUPTED
+        raise
+    print()
+    print(f"LeNet300 on Fashion-MNIST, reference test error {rows[0]['reference_error']:.2f}%")
+    print(format_table(rows, [("scheme", "scheme", "s"), ("description", "description", "s"),
+                              ("test_error", "LC error %", ".2f"), ("dc_error", "DC error %", ".2f"),
+                              ("ratio", "ratio", ".1f"), ("file_bytes", "file bytes", "d"),
+                              ("seconds", "seconds", ".0f")]))
+    print(f"\nplot: {out / 'tradeoff.png'}  table: {out / 'summary.csv'}  runs: {out}/<scheme>/")
+    return 0
+
+
+def cmd_export(args) -> int:
+    import torch
+
+    from .algorithm import LC
+    from .config import ConfigError, parse_config
+    from .experiment import build_model
+
+    _setup_logging(args.verbose, args.quiet)
+    run = Path(args.run_dir)
+    for f in ("config.json", "lc_state.pt"):
+        if not (run / f).is_file():
+            raise ConfigError(f"{str(run)!r} is not a finished run directory: {f} is missing")
+    cfg = parse_config(_raw_from_saved(json.loads((run / "config.json").read_text())))
+    model = build_model(cfg)
+    state = torch.load(run / "lc_state.pt", map_location="cpu", weights_only=True)
+    alg = LC(model, cfg.task_map(), multipliers=cfg.lc.multipliers)
+    alg.load_state_dict(state)
+    out = Path(args.out) if args.out else run / "model.lcz"
+    alg.export(out)
+    rep = alg.size_report()
+    print(f"wrote {out}: {out.stat().st_size} bytes (size report {rep['compressed_bits'] / 8:.0f} bytes, "
+          f"ratio {rep['ratio']:.2f} vs the float32 model)")
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    from .demo import format_table
+    from .export import inspect
+
+    _setup_logging(args.verbose, args.quiet)
+    info = inspect(args.file)
+    rows = info["tasks"] if isinstance(info, dict) else info
+    if isinstance(info, dict):
+        for k, v in info.items():
+            if k != "tasks" and not isinstance(v, (dict, list)):
+                print(f"{k}: {v}")
+    cols = [(k, k, ".2f" if isinstance(rows[0].get(k), float) else "") for k in rows[0]] if rows else []
+    print(format_table([{k: (str(v) if isinstance(v, (list, tuple, dict)) else v) for k, v in r.items()} for r in rows], cols))
+    return 0
+
+
+# ---- entry point ------------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lcompress", description="Compress neural networks by the Learning-Compression algorithm.")
+    p.add_argument("--version", action="version", version=_version())
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def common(sp):
+        sp.add_argument("-v", "--verbose", action="count", default=1, help="more log output")
+        sp.add_argument("-q", "--quiet", action="store_true", help="only warnings and the result")
+
+    t = sub.add_parser("train", help="train a reference model")
+    t.add_argument("--model", required=True)
+    t.add_argument("--model-arg", action="append", metavar="KEY=VALUE", help="model constructor argument")
+    t.add_argument("--dataset", default="fashion-mnist")
+    t.add_argument("--data-dir")
+    t.add_argument("--epochs", type=int, default=40)
+    t.add_argument("--lr", type=float, default=0.1)
+    t.add_argument("--lr-decay", type=float, default=0.95, help="per-epoch learning-rate factor")
+    t.add_argument("--batch-size", type=int, default=128)
+    t.add_argument("--weight-decay", type=float, default=0.0)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--device", default="cpu")
+    t.add_argument("--out", required=True, help="checkpoint path (.pt)")
+    t.add_argument("--overwrite", action="store_true")
+    common(t)
+    t.set_defaults(func=cmd_train)
+
+    c = sub.add_parser("compress", help="run LC from a TOML config")
+    c.add_argument("config", nargs="?", help="the run's TOML config (see examples/)")
+    c.add_argument("--out", help="run directory (default runs/<name>)")
+    c.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run")
+    c.add_argument("--force", action="store_true", help="resume even if the config changed")
+    c.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field, e.g. schedule.steps=10")
+    c.add_argument("--data-dir")
+    common(c)
+    c.set_defaults(func=cmd_compress)
+
+    s = sub.add_parser("sweep", help="error-compression trade-off over a list of settings")
+    s.add_argument("config")
+    s.add_argument("--vary", required=True, metavar="KEY", help="dotted config key, e.g. tasks.0.compression.k")
+    s.add_argument("--values", required=True, nargs="+", help="values of KEY, e.g. 2 4 8 16")
+    s.add_argument("--baselines", help="comma list: dc (default), retrain (magnitude pruning + retraining)")
+    s.add_argument("--out")
+    s.add_argument("--set", action="append", metavar="KEY=VALUE")
+    s.add_argument("--data-dir")
+    common(s)
+    s.set_defaults(func=cmd_sweep)
+
+    d = sub.add_parser("demo", help="LeNet300 on Fashion-MNIST under the paper's schemes")
+    d.add_argument("--out", default="runs/demo")
+    d.add_argument("--reference", default="runs/reference/lenet300.pt", help="cached reference (trained if missing)")
+    d.add_argument("--schemes", help="comma list of schemes (default: all)")
+    d.add_argument("--steps", type=int, help="LC steps per scheme (default 30)")
+    d.add_argument("--data-dir")
+    d.add_argument("--overwrite", action="store_true", help="replace earlier demo runs in --out")
+    common(d)
+    d.set_defaults(func=cmd_demo)
+
+    e = sub.add_parser("export", help="write the compact .lcz file of a finished run")
+    e.add_argument("run_dir")
+    e.add_argument("--out")
+    common(e)
+    e.set_defaults(func=cmd_export)
+
+    i = sub.add_parser("inspect", help="per-task table of a .lcz file")
+    i.add_argument("file")
+    common(i)
+    i.set_defaults(func=cmd_inspect)
+    return p
+
+
+def _version() -> str:
+    from . import __version__
+
+    return f"lcompress {__version__}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .config import ConfigError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"lcompress: error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("lcompress: aborted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,374 @@
+"""Run configuration: a TOML file naming model, data, reference, tasks, μ schedule and L-step optimizer.
+
+Every field is validated when the file is read; an error names the field (as a dotted path) and the bad value.
+See ``examples/*.toml`` for complete files. A minimal one::
+
+    [model]
+    name = "lenet300"                      # a registered model, or "package.module:function"
+
+    [data]
+    dataset = "fashion-mnist"              # fashion-mnist | mnist | cifar10 | "package.module:function"
+
+    [reference]
+    checkpoint = "runs/reference/lenet300.pt"
+
+    [[tasks]]
+    params = 're:fc\\d\\.weight'           # a name, a 're:' pattern, or a list of names (one joint task)
+    compression = { type = "AdaptiveQuantization", k = 2 }
+
+    [schedule]
+    mu = "auto"                            # or mu0 = 9e-5 with factor = 1.4, or a list of values
+    steps = 30
+"""
+from __future__ import annotations
+
+import copy
+import importlib
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib  # type: ignore[no-redef]
+
+from .compressions import REGISTRY, AdditiveCombination, Compression, from_config
+
+__all__ = ["ConfigError", "RunConfig", "load_config", "parse_config", "build_compression", "resolve_entry_point"]
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the field and the value."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = "lenet300"
+    args: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "fashion-mnist"
+    dir: str | None = None
+    batch_size: int = 256
+    augment: bool = False
+
+
+@dataclass
+class ReferenceConfig:
+    checkpoint: str | None = None
+    train_epochs: int = 0  # > 0: train the reference when the checkpoint does not exist yet
+    lr: float = 0.1
+    lr_decay: float = 0.95
+    batch_size: int = 128
+
+
+@dataclass
+class TaskConfig:
+    params: Any  # str or list of str
+    compression: Any  # dict or list of dicts (an additive combination)
+
+
+@dataclass
+class ScheduleConfig:
+    mu: Any = "auto"  # "auto" | list of floats | None (then mu0 and factor)
+    mu0: float | None = None
+    factor: float | None = None
+    steps: int = 30
+    epochs_per_step: int = 1
+    penalty_fraction: float = 0.1  # auto: μ₀ makes the first penalty this fraction of the loss
+    final_distance: float = 0.01  # auto: target ‖w − Δ‖ / ‖w − Δ_DC‖ at the end
+
+
+@dataclass
+class OptimizerConfig:
+    lr: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = True
+    lr_decay: float = 0.98  # per LC step
+    clip_lr: bool = True  # lr ≤ 1/μ
+    weight_decay: float = 0.0
+
+
+@dataclass
+class EvaluateConfig:
+    every: int = 1  # evaluate Δ(Θ) every this many LC steps (and always at the last)
+
+
+@dataclass
+class LCConfig:
+    multipliers: bool = True
+
+
+@dataclass
+class RunConfig:
+    """A parsed, validated run configuration."""
+
+    name: str = "run"
+    seed: int = 0
+    device: str = "cpu"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    reference: ReferenceConfig = field(default_factory=ReferenceConfig)
+    tasks: list[TaskConfig] = field(default_factory=list)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    lc: LCConfig = field(default_factory=LCConfig)
+    source: str | None = None  # the file it came from (not part of the run's identity)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.pop("source", None)
+        return d
+
+    def task_map(self) -> dict[Any, Compression]:
+        """The ``{key: Compression}`` map for :class:`lcompress.LC` (fresh compression objects)."""
+        out: dict[Any, Compression] = {}
+        for i, t in enumerate(self.tasks):
+            key = t.params if isinstance(t.params, str) else tuple(t.params)
+            out[key] = build_compression(t.compression, f"tasks[{i}].compression")
+        return out
+
+
+_SECTIONS = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "reference": ReferenceConfig,
+    "schedule": ScheduleConfig,
+    "optimizer": OptimizerConfig,
+    "evaluate": EvaluateConfig,
+    "lc": LCConfig,
+}
+_TOP = {"name", "seed", "device", "tasks", *_SECTIONS}
+
+
+def _type_ok(value: Any, default: Any, name: str) -> bool:
+    if default is None or name in ("mu", "params", "compression", "args"):
+        return True
+    if isinstance(default, bool):
+        return isinstance(value, bool)
+    if isinstance(default, int):
+        return isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(default, float):
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, type(default))
+
+
+def _section(cls, raw: Any, path: str):
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a table, got {raw!r}")
+    obj = cls()
+    known = set(obj.__dataclass_fields__)
+    for k, v in raw.items():
+        if k not in known:
+            raise ConfigError(f"{path}.{k}: unknown key (known: {', '.join(sorted(known))})")
+        if not _type_ok(v, getattr(obj, k), k):
+            raise ConfigError(f"{path}.{k}={v!r}: expected {type(getattr(obj, k)).__name__}")
+        setattr(obj, k, float(v) if isinstance(getattr(obj, k), float) and isinstance(v, int) else v)
+    return obj
+
+
+def build_compression(spec: Any, path: str = "compression") -> Compression:
+    """A compression from its config: ``{type = "...", **args}`` or a list of those (an additive combination).
+
+    Raises:
+        ConfigError: unknown type or bad arguments, naming ``path``.
+    """
+    if isinstance(spec, list):
+        if len(spec) < 2:
+            raise ConfigError(f"{path}: an additive combination needs at least 2 parts, got {len(spec)}")
+        parts = [build_compression(p, f"{path}[{i}]") for i, p in enumerate(spec)]
+        return AdditiveCombination(*parts)
+    if not isinstance(spec, dict) or "type" not in spec:
+        raise ConfigError(f"{path}: expected a table with a 'type' key, got {spec!r}")
+    name = spec["type"]
+    if name not in REGISTRY and name != "AdditiveCombination":
+        raise ConfigError(f"{path}.type={name!r}: unknown compression (known: {', '.join(sorted(REGISTRY))})")
+    try:
+        return from_config(copy.deepcopy(spec))
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{path}: {e}") from None
+
+
+def resolve_entry_point(spec: str, what: str):
+    """Import ``"package.module:function"``; errors name ``what``."""
+    mod, _, fn = spec.partition(":")
+    if not mod or not fn:
+        raise ConfigError(f"{what}={spec!r}: expected 'package.module:function'")
+    try:
+        obj = getattr(importlib.import_module(mod), fn)
+    except (ImportError, AttributeError) as e:
+        raise ConfigError(f"{what}={spec!r}: cannot import it ({e})") from None
+    if not callable(obj):
+        raise ConfigError(f"{what}={spec!r}: not callable")
+    return obj
+
+
+def parse_config(raw: dict[str, Any], source: str | None = None) -> RunConfig:
+    """Validate a config dict (as read from TOML) into a :class:`RunConfig`.
+
+    Raises:
+        ConfigError: an unknown key, a value of the wrong type or range, an unknown model or compression, a
+            schedule that does not increase; the message names the field and the value.
+    """
+    from .models import MODELS
+
+    if not isinstance(raw, dict):
+        raise ConfigError("the config must be a table")
+    for k in raw:
+        if k not in _TOP:
+            raise ConfigError(f"{k}: unknown key (known: {', '.join(sorted(_TOP))})")
+    cfg = RunConfig(source=source)
+    for k in ("name", "seed", "device"):
+        if k in raw:
+            if not _type_ok(raw[k], getattr(cfg, k), k):
+                raise ConfigError(f"{k}={raw[k]!r}: expected {type(getattr(cfg, k)).__name__}")
+            setattr(cfg, k, raw[k])
+    for k, cls in _SECTIONS.items():
+        if k in raw:
+            setattr(cfg, k, _section(cls, raw[k], k))
+
+    # model
+    if ":" in cfg.model.name:
+        resolve_entry_point(cfg.model.name, "model.name")
+    elif cfg.model.name not in MODELS:
+        raise ConfigError(f"model.name={cfg.model.name!r}: unknown model (known: {', '.join(sorted(MODELS))})")
+    if not isinstance(cfg.model.args, dict):
+        raise ConfigError(f"model.args={cfg.model.args!r}: expected a table")
+    # data
+    if ":" in cfg.data.dataset:
+        resolve_entry_point(cfg.data.dataset, "data.dataset")
+    elif cfg.data.dataset not in ("fashion-mnist", "mnist", "cifar10"):
+        raise ConfigError(
+            f"data.dataset={cfg.data.dataset!r}: unknown dataset (fashion-mnist, mnist, cifar10, or 'module:function')"
+        )
+    if cfg.data.batch_size < 1:
+        raise ConfigError(f"data.batch_size={cfg.data.batch_size}: must be >= 1")
+    if cfg.reference.train_epochs < 0:
+        raise ConfigError(f"reference.train_epochs={cfg.reference.train_epochs}: must be >= 0")
+    # tasks
+    raw_tasks = raw.get("tasks", [])
+    if not isinstance(raw_tasks, list) or not raw_tasks:
+        raise ConfigError("tasks: at least one [[tasks]] entry is needed (params = ..., compression = {...})")
+    for i, t in enumerate(raw_tasks):
+        path = f"tasks[{i}]"
+        if not isinstance(t, dict):
+            raise ConfigError(f"{path}: expected a table")
+        for k in t:
+            if k not in ("params", "compression"):
+                raise ConfigError(f"{path}.{k}: unknown key (known: compression, params)")
+        if "params" not in t or "compression" not in t:
+            raise ConfigError(f"{path}: needs both 'params' and 'compression'")
+        p = t["params"]
+        if not (isinstance(p, str) or (isinstance(p, list) and p and all(isinstance(x, str) for x in p))):
+            raise ConfigError(f"{path}.params={p!r}: expected a name, a 're:' pattern or a list of names")
+        build_compression(t["compression"], f"{path}.compression")
+        cfg.tasks.append(TaskConfig(params=p, compression=t["compression"]))
+    # schedule
+    s = cfg.schedule
+    if s.steps < 1:
+        raise ConfigError(f"schedule.steps={s.steps}: must be >= 1")
+    if s.epochs_per_step < 1:
+        raise ConfigError(f"schedule.epochs_per_step={s.epochs_per_step}: must be >= 1")
+    if isinstance(s.mu, list):
+        if not s.mu or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in s.mu):
+            raise ConfigError(f"schedule.mu={s.mu!r}: expected a non-empty list of numbers")
+        if any(not (v > 0 and math.isfinite(v)) for v in s.mu):
+            raise ConfigError(f"schedule.mu={s.mu!r}: every value must be a finite number > 0")
+        bad = [i for i in range(1, len(s.mu)) if s.mu[i] <= s.mu[i - 1]]
+        if bad:
+            i = bad[0]
+            raise ConfigError(f"schedule.mu: not increasing at index {i} ({s.mu[i - 1]} then {s.mu[i]})")
+        s.steps = len(s.mu)
+    elif s.mu == "auto":
+        if s.mu0 is not None or s.factor is not None:
+            raise ConfigError("schedule: give either mu = \"auto\" or mu0 and factor, not both")
+    elif s.mu is None or s.mu == "geometric":
+        if s.mu0 is None or s.factor is None:
+            raise ConfigError("schedule: mu0 and factor are both needed for a geometric schedule")
+        if not s.mu0 > 0:
+            raise ConfigError(f"schedule.mu0={s.mu0}: must be > 0")
+        if not s.factor > 1:
+            raise ConfigError(f"schedule.factor={s.factor}: must be > 1 (μ must increase)")
+        s.mu = "geometric"
+    else:
+        raise ConfigError(f"schedule.mu={s.mu!r}: expected \"auto\", \"geometric\" or a list of numbers")
+    if not 0 < s.penalty_fraction:
+        raise ConfigError(f"schedule.penalty_fraction={s.penalty_fraction}: must be > 0")
+    if not 0 < s.final_distance < 1:
+        raise ConfigError(f"schedule.final_distance={s.final_distance}: must be in (0, 1)")
+    o = cfg.optimizer
+    if not o.lr > 0:
+        raise ConfigError(f"optimizer.lr={o.lr}: must be > 0")
+    if not 0 <= o.momentum < 1:
+        raise ConfigError(f"optimizer.momentum={o.momentum}: must be in [0, 1)")
+    if not 0 < o.lr_decay <= 1:
+        raise ConfigError(f"optimizer.lr_decay={o.lr_decay}: must be in (0, 1]")
+    if cfg.evaluate.every < 1:
+        raise ConfigError(f"evaluate.every={cfg.evaluate.every}: must be >= 1")
+    return cfg
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> RunConfig:
+    """Read and validate a TOML run configuration.
+
+    Args:
+        path: the ``.toml`` file.
+        overrides: dotted keys to set before validation, e.g. ``{"schedule.steps": 5}``.
+
+    Raises:
+        ConfigError: the file is missing or not valid TOML, or a field is invalid (named).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML ({e})") from None
+    for key, value in (overrides or {}).items():
+        set_dotted(raw, key, value)
+    return parse_config(raw, source=str(path))
+
+
+def set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
+    """Set ``raw["a"]["b"][0]["c"] = value`` for ``key = "a.b.0.c"`` (creating tables as needed)."""
+    parts = key.split(".")
+    cur: Any = raw
+    for i, p in enumerate(parts[:-1]):
+        nxt = parts[i + 1]
+        if isinstance(cur, list):
+            try:
+                cur = cur[int(p)]
+            except (ValueError, IndexError):
+                raise ConfigError(f"{key}: no element {p!r}") from None
+            continue
+        if p not in cur:
+            cur[p] = [] if nxt.isdigit() else {}
+        cur = cur[p]
+    last = parts[-1]
+    if isinstance(cur, list):
+        try:
+            cur[int(last)] = value
+        except (ValueError, IndexError):
+            raise ConfigError(f"{key}: no element {last!r}") from None
+    else:
+        cur[last] = value
+
+
+def config_diff(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted paths where two config dicts differ."""
+    out = []
+    for k in sorted(set(a) | set(b)):
+        p = f"{prefix}{k}"
+        va, vb = a.get(k, "<missing>"), b.get(k, "<missing>")
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += config_diff(va, vb, p + ".")
+        elif json.dumps(va, sort_keys=True, default=str) != json.dumps(vb, sort_keys=True, default=str):
+            out.append(f"{p}: {va!r} -> {vb!r}")
+    return out

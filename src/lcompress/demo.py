@@ -1,0 +1,210 @@
+"""The demo: LeNet300 on Fashion-MNIST under the LeNet300 schemes of the LC authors' table, each beside its
+direct compression, plus the plotting shared with ``lcompress sweep``.
+
+Each scheme is a task list in the config format; ``examples/lenet300_*.toml`` hold the same schemes as files (a test
+keeps them in step).
+"""
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from .config import RunConfig, parse_config
+
+__all__ = ["SCHEMES", "BASE", "scheme_config", "run_demo", "plot_tradeoff", "write_csv", "format_table"]
+
+logger = logging.getLogger(__name__)
+
+FC = "re:fc\\d\\.weight"
+ALL = ["fc1.weight", "fc2.weight", "fc3.weight"]
+
+#: scheme name -> (description, [[tasks]] entries)
+SCHEMES: dict[str, tuple[str, list[dict[str, Any]]]] = {
+    "quantize_all": (
+        "quantize all layers, K=2 (1 bit)",
+        [{"params": FC, "compression": {"type": "AdaptiveQuantization", "k": 2}}],
+    ),
+    "quantize_1_3": (
+        "quantize layers 1 and 3, K=2",
+        [
+            {"params": "fc1.weight", "compression": {"type": "AdaptiveQuantization", "k": 2}},
+            {"params": "fc3.weight", "compression": {"type": "AdaptiveQuantization", "k": 2}},
+        ],
+    ),
+    "prune_5": (
+        "prune all layers jointly to 5%",
+        [{"params": ALL, "compression": {"type": "ConstraintL0Pruning", "fraction": 0.05}}],
+    ),
+    "binary_plus_sparse": (
+        "one 1-bit codebook over all layers + 1% sparse correction",
+        [
+            {
+                "params": ALL,
+                "compression": [
+                    {"type": "AdaptiveQuantization", "k": 2},
+                    {"type": "ConstraintL0Pruning", "fraction": 0.01},
+                ],
+            }
+        ],
+    ),
+    "mixed": (
+        "prune layer 1 to 5%, rank 10 layer 2, K=2 layer 3",
+        [
+            {"params": "fc1.weight", "compression": {"type": "ConstraintL0Pruning", "fraction": 0.05}},
+            {"params": "fc2.weight", "compression": {"type": "LowRank", "rank": 10}},
+            {"params": "fc3.weight", "compression": {"type": "AdaptiveQuantization", "k": 2}},
+        ],
+    ),
+    "rank_selection": (
+        "rank selection, storage criterion",
+        [{"params": FC, "compression": {"type": "RankSelection", "alpha": 1e-6, "criterion": "storage"}}],
+    ),
+}
+
+#: everything but the tasks and the run name, shared by the demo schemes
+BASE: dict[str, Any] = {
+    "seed": 0,
+    "model": {"name": "lenet300"},
+    "data": {"dataset": "fashion-mnist", "batch_size": 256},
+    "reference": {"checkpoint": "runs/reference/lenet300.pt", "train_epochs": 40, "lr": 0.1, "lr_decay": 0.95},
+    "schedule": {"mu": "auto", "steps": 30, "epochs_per_step": 1},
+    "optimizer": {"lr": 0.02, "momentum": 0.9, "nesterov": True, "lr_decay": 0.98, "clip_lr": True},
+    "evaluate": {"every": 1},
+    "lc": {"multipliers": True},
+}
+
+
+def scheme_config(name: str, reference: str | None = None, steps: int | None = None) -> dict[str, Any]:
+    """The raw (TOML-shaped) config of a demo scheme."""
+    if name not in SCHEMES:
+        raise ValueError(f"unknown demo scheme {name!r} (known: {', '.join(SCHEMES)})")
+    raw = copy.deepcopy(BASE)
+    raw["name"] = f"lenet300_{name}"
+    raw["tasks"] = copy.deepcopy(SCHEMES[name][1])
+    if reference is not None:
+        raw["reference"]["checkpoint"] = reference
+    if steps is not None:
+        raw["schedule"]["steps"] = steps
+    return raw
+
+
+def run_demo(
+    out_dir: str | Path,
+    reference: str | Path,
+    schemes: list[str] | None = None,
+    steps: int | None = None,
+    data_dir: str | None = None,
+    progress: bool = True,
+    should_stop: Callable[[], bool] | None = None,
+) -> list[dict[str, Any]]:
+    """Run the demo schemes; write ``summary.json``, ``summary.csv`` and ``tradeoff.png`` under ``out_dir``.
+
+    Returns:
+        one row per scheme: scheme, description, test error, DC error, reference error, ratio, seconds.
+    """
+    from .experiment import load_data, prepare_reference, run_compress
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    names = list(SCHEMES) if schemes is None else schemes
+    cfgs = {n: parse_config(scheme_config(n, str(reference), steps)) for n in names}
+    first = next(iter(cfgs.values()))
+    data = load_data(first, data_dir)
+    prepare_reference(first, data, progress=progress)  # trains and caches it once, if needed
+    rows = []
+    for n in names:
+        t = time.perf_counter()
+        res = run_compress(cfgs[n], out / n, data=data, progress=progress, should_stop=should_stop)
+        rows.append(
+            {
+                "scheme": n,
+                "description": SCHEMES[n][0],
+                "test_error": res["final"]["test_error"],
+                "dc_error": res["direct_compression"]["test_error"],
+                "reference_error": res["reference"]["test_error"],
+                "ratio": res["final"]["ratio"],
+                "dc_ratio": res["direct_compression"]["ratio"],
+                "file_bytes": res["final"].get("file_bytes"),
+                "feasible": res["final"]["feasible"],
+                "seconds": time.perf_counter() - t,
+            }
+        )
+        (out / "summary.json").write_text(json.dumps(rows, indent=2))
+    write_csv(rows, out / "summary.csv")
+    plot_tradeoff(
+        {
+            "LC": [(r["ratio"], r["test_error"], r["scheme"]) for r in rows],
+            "direct compression": [(r["dc_ratio"], r["dc_error"], r["scheme"]) for r in rows],
+        },
+        out / "tradeoff.png",
+        reference_error=rows[0]["reference_error"] if rows else None,
+        title="LeNet300 on Fashion-MNIST: LC vs direct compression",
+    )
+    return rows
+
+
+def write_csv(rows: list[dict[str, Any]], path: str | Path) -> None:
+    if not rows:
+        return
+    keys = list(rows[0])
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        w.writerows(rows)
+
+
+def format_table(rows: list[dict[str, Any]], columns: list[tuple[str, str, str]]) -> str:
+    """A plain-text table; ``columns`` are (key, header, format)."""
+    cells = [[h for _, h, _ in columns]]
+    for r in rows:
+        cells.append([("-" if r.get(k) is None else format(r[k], f)) for k, _, f in columns])
+    widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))) for row in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def plot_tradeoff(
+    series: dict[str, list[tuple[float, float, str]]],
+    path: str | Path,
+    reference_error: float | None = None,
+    title: str = "",
+    connect: bool = False,
+) -> None:
+    """Test error vs compression ratio (log x), one marker series per method (joined by lines when ``connect``,
+    e.g. a sweep), labels at the first series' points."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    markers = ["o", "s", "^", "D", "v"]
+    for i, (label, pts) in enumerate(series.items()):
+        pts = [p for p in pts if p[0] is not None and p[1] is not None]
+        if not pts:
+            continue
+        xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+        if connect:
+            order = sorted(range(len(xs)), key=lambda j: xs[j])
+            xs, ys, pts = [xs[j] for j in order], [ys[j] for j in order], [pts[j] for j in order]
+        ax.plot(xs, ys, linestyle="-" if connect else "none", marker=markers[i % 5], label=label)
+        if i == 0:
+            for x, y, name in pts:
+                ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    if reference_error is not None:
+        ax.axhline(reference_error, color="gray", linestyle=":", label=f"reference ({reference_error:.2f}%)")
+    ax.set_xscale("log")
+    ax.set_xlabel("compression ratio ρ (log scale)")
+    ax.set_ylabel("test error (%)")
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,461 @@
+"""Experiment side: run the LC algorithm from a :class:`~lcompress.config.RunConfig` on real data.
+
+Builds model and data, loads (or trains) the reference, runs direct compression and LC with the config's μ
+schedule and SGD L steps, evaluates Δ(Θ) on the test set, and keeps a run directory:
+
+* ``config.json`` — the resolved configuration (a resumed run must match it);
+* ``results.json`` — reference, direct compression, and one record per LC step (μ, loss, test error of Δ(Θ),
+  ‖w − Δ(Θ)‖, sizes), rewritten atomically after every step;
+* ``checkpoint.pt`` — model, optimizer, LC state, RNG states and results after the last finished step, written
+  atomically (temporary file, fsync, rename), so a run killed at any moment resumes from the last good one;
+* ``lc_state.pt`` — the final LC state; ``model.lcz`` — the compact compressed model (when export is available).
+
+Distributed: under ``torchrun`` every rank calls :func:`run_compress`; each reads its shard of every batch, the
+model is wrapped in DistributedDataParallel, and only rank 0 writes files and shows progress.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .algorithm import LC, clip_lr
+from .config import ConfigError, RunConfig, config_diff, resolve_entry_point
+from .data import Dataset, batches
+from .schedules import auto_schedule, geometric
+from .training import evaluate, load_checkpoint, save_checkpoint, train_reference
+
+__all__ = [
+    "load_data",
+    "build_model",
+    "prepare_reference",
+    "run_compress",
+    "measure_loss_and_grad",
+    "atomic_save",
+    "atomic_write_text",
+    "RunInterrupted",
+]
+
+logger = logging.getLogger(__name__)
+
+RUN_FORMAT = "lcompress-run"
+RUN_VERSION = 1
+
+
+class RunInterrupted(Exception):
+    """Raised by a stop request (e.g. Ctrl-C) after the run directory was brought up to date."""
+
+
+# ---- files ------------------------------------------------------------------------------------------------------
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(str(path), os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_save(obj: Any, path: str | Path) -> None:
+    """``torch.save`` to a temporary file, fsync, then rename over ``path``: a reader sees the old or the new
+    file, never a partial one."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def atomic_write_text(text: str, path: str | Path) -> None:
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+# ---- model and data ---------------------------------------------------------------------------------------------
+def load_data(cfg: RunConfig, data_dir: str | None = None) -> Dataset:
+    """The config's dataset as in-memory tensors (``data_dir`` overrides ``data.dir``)."""
+    from . import data as D
+
+    name = cfg.data.dataset
+    where = data_dir or cfg.data.dir
+    if ":" in name:
+        out = resolve_entry_point(name, "data.dataset")()
+        if isinstance(out, tuple) and len(out) == 4:
+            out = Dataset(*out)
+        if not isinstance(out, Dataset):
+            raise ConfigError(f"data.dataset={name!r} must return lcompress.data.Dataset or (x_train, y_train, x_test, y_test)")
+        return out
+    if name == "fashion-mnist":
+        return D.load_fashion_mnist(where)
+    if name == "mnist":
+        return D.load_mnist(where)
+    if name == "cifar10":
+        return D.load_cifar10(where)
+    raise ConfigError(f"data.dataset={name!r}: unknown dataset")
+
+
+def build_model(cfg: RunConfig) -> nn.Module:
+    """The config's model, freshly initialized (seeded by ``cfg.seed``)."""
+    from .models import get_model
+
+    torch.manual_seed(cfg.seed)
+    name = cfg.model.name
+    if ":" in name:
+        model = resolve_entry_point(name, "model.name")(**cfg.model.args)
+        if not isinstance(model, nn.Module):
+            raise ConfigError(f"model.name={name!r} must return a torch.nn.Module")
+        return model
+    try:
+        return get_model(name, **cfg.model.args)
+    except TypeError as e:
+        raise ConfigError(f"model.args={cfg.model.args!r}: {e}") from None
+
+
+def prepare_reference(cfg: RunConfig, data: Dataset, progress: bool = True, is_writer: bool = True) -> tuple[nn.Module, dict]:
+    """Load the reference checkpoint, or train it when ``reference.train_epochs > 0`` and it does not exist.
+
+    Raises:
+        ConfigError: no checkpoint configured, or the file is missing and training is not enabled.
+    """
+    model = build_model(cfg).to(cfg.device)
+    ref = cfg.reference
+    if ref.checkpoint is None:
+        raise ConfigError("reference.checkpoint: a reference model checkpoint is needed (train one with `lcompress train`)")
+    path = Path(ref.checkpoint)
+    if path.is_file():
+        meta = load_checkpoint(path, model)
+        logger.info("reference loaded from %s (test error %s%%)", path, meta.get("test_error"))
+        return model, meta
+    if ref.train_epochs <= 0:
+        raise ConfigError(
+            f"reference.checkpoint={str(path)!r}: file not found (train it with `lcompress train --out {path}` "
+            "or set reference.train_epochs)"
+        )
+    logger.info("training the reference model for %d epochs -> %s", ref.train_epochs, path)
+    train_reference(
+        model, data, ref.train_epochs, lr=ref.lr, lr_decay=ref.lr_decay, batch_size=ref.batch_size,
+        seed=cfg.seed, device=cfg.device, progress=progress,
+    )
+    err = evaluate(model, data.x_test, data.y_test)
+    meta = {"model": cfg.model.name, "args": cfg.model.args, "dataset": cfg.data.dataset,
+            "epochs": ref.train_epochs, "seed": cfg.seed, "test_error": err}
+    if is_writer:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_checkpoint(path, model, meta)
+    return model, meta
+
+
+def measure_loss_and_grad(
+    model: nn.Module, alg: LC, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000, n: int = 5000
+) -> tuple[float, float, float]:
+    """On ``n`` training samples: (loss at the current weights, loss at Δ(Θ), ‖∇L‖ over the compressed
+    parameters at Δ(Θ)). Feeds :func:`lcompress.auto_schedule`."""
+    g = torch.Generator().manual_seed(12345)
+    idx = torch.randperm(len(x), generator=g)[:n]
+    xs, ys = x[idx], y[idx]
+    was = model.training
+    model.eval()
+
+    def total_loss():
+        with torch.no_grad():
+            return sum(
+                float(F.cross_entropy(model(xs[i : i + batch_size]), ys[i : i + batch_size], reduction="sum"))
+                for i in range(0, len(xs), batch_size)
+            ) / len(xs)
+
+    try:
+        loss = total_loss()
+        params = alg._params
+        grads = [torch.zeros_like(p) for p in params]
+        with alg.compressed():
+            loss_dc = total_loss()
+            for i in range(0, len(xs), batch_size):
+                out = F.cross_entropy(model(xs[i : i + batch_size]), ys[i : i + batch_size], reduction="sum") / len(xs)
+                torch._foreach_add_(grads, torch.autograd.grad(out, params))
+        gnorm = float(torch.stack(torch._foreach_norm(grads)).norm())
+    finally:
+        model.train(was)
+    return loss, loss_dc, gnorm
+
+
+# ---- the run ----------------------------------------------------------------------------------------------------
+def _dist_info() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _mu_schedule(cfg: RunConfig, alg: LC, model: nn.Module, data: Dataset) -> list[float]:
+    s = cfg.schedule
+    if isinstance(s.mu, list):
+        return [float(v) for v in s.mu]
+    if s.mu == "geometric":
+        return geometric(s.mu0, s.factor, s.steps)
+    loss, loss_dc, gnorm = measure_loss_and_grad(model, alg, data.x_train.to(cfg.device), data.y_train.to(cfg.device))
+    mus = auto_schedule(alg, s.steps, loss_dc - loss, gnorm, penalty_fraction=s.penalty_fraction,
+                        final_distance=s.final_distance)
+    logger.info("auto schedule: loss %.4g -> %.4g at DC, |grad L(DC)| %.4g -> mu0 %.4g, factor %.4f, last mu %.4g",
+                loss, loss_dc, gnorm, mus[0], (mus[1] / mus[0]) if len(mus) > 1 else 1.0, mus[-1])
+    return mus
+
+
+def _results_path(out: Path) -> Path:
+    return out / "results.json"
+
+
+def run_compress(
+    cfg: RunConfig,
+    out_dir: str | Path,
+    resume: bool = False,
+    force: bool = False,
+    data: Dataset | None = None,
+    data_dir: str | None = None,
+    progress: bool = True,
+    should_stop: Callable[[], bool] | None = None,
+    export: bool = True,
+) -> dict[str, Any]:
+    """Run LC as configured, writing the run directory (see the module docstring).
+
+    Args:
+        cfg: the validated configuration.
+        out_dir: the run directory (created; must not hold another run unless ``resume``).
+        resume: continue from ``out_dir/checkpoint.pt``.
+        force: resume even when the configuration changed.
+        data: already loaded data (otherwise loaded from the config).
+        data_dir: overrides ``data.dir``.
+        progress: show a progress bar (rank 0 only).
+        should_stop: polled between minibatches; True stops the run after saving what is done so far.
+        export: write ``model.lcz`` at the end.
+
+    Returns:
+        the results dict (also in ``results.json``).
+
+    Raises:
+        ConfigError: a bad or changed configuration, a missing checkpoint, an existing run directory.
+        RunInterrupted: ``should_stop`` returned True (results so far are saved).
+    """
+    rank, world = _dist_info()
+    writer = rank == 0
+    out = Path(out_dir)
+    ckpt_path = out / "checkpoint.pt"
+    cfg_dict = cfg.to_dict()
+    if resume:
+        if not ckpt_path.is_file():
+            raise ConfigError(f"--resume {str(out)!r}: no checkpoint.pt there to resume from")
+        saved_cfg = json.loads((out / "config.json").read_text())
+        diff = config_diff(saved_cfg, cfg_dict)
+        if diff and not force:
+            raise ConfigError(f"the config differs from the run being resumed ({'; '.join(diff)}); use --force to resume anyway")
+    elif (out / "results.json").exists() or ckpt_path.exists():
+        raise ConfigError(f"run directory {str(out)!r} already holds a run; use --resume, or another --out")
+    if writer:
+        out.mkdir(parents=True, exist_ok=True)
+        if not resume:
+            atomic_write_text(json.dumps(cfg_dict, indent=2), out / "config.json")
+
+    if data is None:
+        data = load_data(cfg, data_dir)
+    device = torch.device(cfg.device)
+    x_train, y_train = data.x_train.to(device), data.y_train.to(device)
+    x_test, y_test = data.x_test.to(device), data.y_test.to(device)
+    model, ref_meta = prepare_reference(cfg, data, progress=progress and writer, is_writer=writer)
+    t0 = time.perf_counter()
+    ref_error = evaluate(model, x_test, y_test)
+    tasks = cfg.task_map()
+    penalty = any(c.penalty_form for c in tasks.values())
+
+    ddp_model: nn.Module = model
+    if world > 1:
+        ddp_model = nn.parallel.DistributedDataParallel(model)
+    alg = LC(ddp_model, tasks, multipliers=cfg.lc.multipliers)
+    mus = _mu_schedule(cfg, alg, model, data)
+    if penalty:
+        # penalty forms compress everything away at μ → 0⁺: compare with direct compression at the last μ
+        dc_alg = LC(copy.deepcopy(model), cfg.task_map(), multipliers=False, direct_mu=mus[-1])
+    else:
+        dc_alg = alg
+    with dc_alg.compressed() as m:
+        dc_error = evaluate(m, x_test, y_test)
+    dc_sizes = dc_alg.size_report()
+    del dc_alg
+    logger.info("reference test error %.2f%%, direct compression %.2f%% (ratio %.2f)", ref_error, dc_error, dc_sizes["ratio"])
+
+    opt = torch.optim.SGD(model.parameters(), lr=cfg.optimizer.lr, momentum=cfg.optimizer.momentum,
+                          nesterov=cfg.optimizer.nesterov and cfg.optimizer.momentum > 0,
+                          weight_decay=cfg.optimizer.weight_decay)
+    gen = torch.Generator().manual_seed(cfg.seed + 1)
+    torch.manual_seed(cfg.seed + 2)
+    results: dict[str, Any] = {
+        "name": cfg.name,
+        "config": cfg_dict,
+        "reference": {"test_error": ref_error, "checkpoint": cfg.reference.checkpoint, "meta": ref_meta},
+        "direct_compression": {"test_error": dc_error, "mu": mus[-1] if penalty else None, **_sizes(dc_sizes)},
+        "schedule": mus,
+        "steps": [],
+        "world_size": world,
+    }
+    start = 0
+    if resume:
+        ck = torch.load(ckpt_path, map_location=device, weights_only=True)
+        if ck.get("format") != RUN_FORMAT:
+            raise ConfigError(f"{ckpt_path}: not an lcompress run checkpoint")
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        alg.load_state_dict(ck["lc"])
+        gen.set_state(ck["rng"]["batches"])
+        torch.set_rng_state(ck["rng"]["torch"])
+        results = json.loads(ck["results"])
+        mus = results["schedule"]
+        start = int(ck["step"])
+        logger.info("resumed %s after LC step %d of %d", out, start, len(mus))
+
+    per_rank_batch = max(1, cfg.data.batch_size // world)
+    n_batches = math.ceil((len(x_train) // world) / per_rank_batch)
+    bar = None
+    if progress and writer:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(mus) * cfg.schedule.epochs_per_step * n_batches, initial=start * cfg.schedule.epochs_per_step * n_batches,
+                   desc=cfg.name, unit="batch", dynamic_ncols=True)
+    try:
+        for step in range(start, len(mus)):
+            mu = mus[step]
+            lr = cfg.optimizer.lr * cfg.optimizer.lr_decay ** step
+            if cfg.optimizer.clip_lr:
+                lr = clip_lr(lr, mu)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            ts = time.perf_counter()
+            model.train()
+            loss_sum = torch.zeros((), device=device)
+            pen_sum = torch.zeros((), device=device)
+            seen = 0
+            for _ in range(cfg.schedule.epochs_per_step):
+                for xb, yb in batches(x_train, y_train, per_rank_batch, shuffle=True, generator=gen, rank=rank, world_size=world):
+                    loss = F.cross_entropy(ddp_model(xb), yb)
+                    pen = alg.penalty(mu)
+                    opt.zero_grad(set_to_none=True)
+                    (loss + pen).backward()
+                    opt.step()
+                    loss_sum += loss.detach()
+                    pen_sum += pen.detach()
+                    seen += 1
+                    if bar is not None:
+                        bar.update(1)
+                    if should_stop is not None and should_stop():
+                        raise RunInterrupted(f"stopped during LC step {step + 1}; resume with --resume {out}")
+            mean_loss = float(loss_sum) / max(seen, 1)
+            if not math.isfinite(mean_loss):
+                raise FloatingPointError(
+                    f"the L step diverged at LC step {step + 1} (mu={mu:.4g}, loss={mean_loss}); lower optimizer.lr"
+                )
+            alg.c_step(mu)
+            rec = {
+                "step": step + 1,
+                "mu": mu,
+                "lr": lr,
+                "loss": mean_loss,
+                "penalty": float(pen_sum) / max(seen, 1),
+                "feasibility": alg.feasibility()["total"],
+                "seconds": time.perf_counter() - ts,
+                **_sizes(alg.size_report()),
+            }
+            if (step + 1) % cfg.evaluate.every == 0 or step + 1 == len(mus):
+                with alg.compressed() as m:
+                    rec["test_error"] = evaluate(m, x_test, y_test)
+                rec["test_error_w"] = evaluate(model, x_test, y_test)
+            results["steps"].append(rec)
+            if bar is not None:
+                bar.set_postfix(mu=f"{mu:.3g}", err=f"{rec.get('test_error', float('nan')):.2f}",
+                                feas=f"{rec['feasibility']:.3g}")
+            logger.info(
+                "LC step %d/%d: mu=%.4g lr=%.4g loss=%.4f |w-Delta|=%.4g test error %s ratio %.2f",
+                step + 1, len(mus), mu, lr, mean_loss, rec["feasibility"],
+                f"{rec['test_error']:.2f}%" if "test_error" in rec else "-", rec["ratio"],
+            )
+            if writer:
+                atomic_write_text(json.dumps(results, indent=2), _results_path(out))
+                atomic_save(
+                    {
+                        "format": RUN_FORMAT,
+                        "version": RUN_VERSION,
+                        "step": step + 1,
+                        "model": model.state_dict(),
+                        "optimizer": opt.state_dict(),
+                        "lc": alg.state_dict(),
+                        "rng": {"batches": gen.get_state(), "torch": torch.get_rng_state()},
+                        "results": json.dumps(results),
+                    },
+                    ckpt_path,
+                )
+    finally:
+        if bar is not None:
+            bar.close()
+
+    final = results["steps"][-1] if results["steps"] else {}
+    w_norm = math.sqrt(sum(float(p.detach().float().norm()) ** 2 for p in alg._params))
+    feasible = final.get("feasibility", math.inf) <= 1e-2 * max(w_norm, 1e-12)
+    results["final"] = {
+        "test_error": final.get("test_error"),
+        "feasibility": final.get("feasibility"),
+        "relative_feasibility": final.get("feasibility", math.inf) / max(w_norm, 1e-12),
+        "feasible": feasible,
+        **_sizes(alg.size_report()),
+        "seconds": time.perf_counter() - t0,
+    }
+    if not feasible:
+        logger.warning(
+            "the run ended infeasible: ||w - Delta(Theta)|| = %.4g is %.2f%% of ||w||; the compressed model may be "
+            "far from the trained one (raise the last mu: more steps, a larger factor, or schedule.final_distance)",
+            final.get("feasibility", math.nan), 100 * results["final"]["relative_feasibility"],
+        )
+    if writer:
+        atomic_write_text(json.dumps(results, indent=2), _results_path(out))
+        atomic_save(alg.state_dict(), out / "lc_state.pt")
+        if export:
+            _try_export(alg, out / "model.lcz", results)
+            atomic_write_text(json.dumps(results, indent=2), _results_path(out))
+    return results
+
+
+def _try_export(alg: LC, path: Path, results: dict) -> None:
+    try:
+        from . import export as _export  # noqa: F401
+    except ImportError:
+        return
+    info = alg.export(path)
+    results["final"]["file_bytes"] = path.stat().st_size
+    if isinstance(info, dict):
+        results["final"]["export"] = {k: v for k, v in info.items() if isinstance(v, (int, float, str))}
+
+
+def _sizes(rep: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "compressed_bits": rep["compressed_bits"],
+        "reference_bits": rep["reference_bits"],
+        "ratio": rep["ratio"],
+        "task_bits": {r["task"]: r["bits"] for r in rep["tasks"]},
+    }
