@@ -1,0 +1,166 @@
+"""One process of the distributed LC tests (driven by tests/test_distributed.py; not collected by pytest).
+
+Usage: ``python tests/dist_worker.py OUT_DIR RANK WORLD_SIZE INIT_FILE``
+
+1. An MLP (in DistributedDataParallel when WORLD_SIZE > 1) is trained by LC over a geometric μ schedule on a fixed
+   data set; rank r takes its shard of every global batch of ``GLOBAL_BATCH`` samples. After direct compression and
+   after every C step the worker records Θ, Δ, λ and the weights. WORLD_SIZE 1 is the single-process reference over
+   the same global batches.
+2. With WORLD_SIZE > 1, rank 1 then perturbs ``fc1.weight`` behind DDP's back and every rank calls ``c_step``; the
+   worker records the error each rank got, whether the LC state survived it, and whether a C step succeeds once the
+   weights are re-synchronised.
+
+Everything goes to ``OUT_DIR/rank{r}_world{n}.pt``. The process group has a 60 s gloo timeout, so a rank left
+waiting in a collective fails instead of hanging the test.
+"""
+from __future__ import annotations
+
+import copy
+import os
+import sys
+from datetime import timedelta
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # before torch is imported: one thread per rank, 2 ranks on 2 cores
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
+from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: E402
+
+import lcompress as lc  # noqa: E402
+from lcompress.data import batches  # noqa: E402
+
+torch.set_num_threads(1)
+
+N_SAMPLES = 512
+GLOBAL_BATCH = 64
+DIM, HIDDEN, CLASSES = 16, 32, 4
+MU_SCHEDULE = lc.geometric(1e-2, 2.0, 4)
+EPOCHS_PER_STEP = 2
+LR = 0.1
+
+
+class MLP(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(DIM, HIDDEN)
+        self.fc2 = nn.Linear(HIDDEN, HIDDEN)
+        self.fc3 = nn.Linear(HIDDEN, HIDDEN)
+        self.fc4 = nn.Linear(HIDDEN, CLASSES)
+
+    def forward(self, x):
+        x = torch.relu(self.fc1(x))
+        x = torch.relu(self.fc2(x))
+        x = torch.relu(self.fc3(x))
+        return self.fc4(x)
+
+
+def make_tasks() -> dict:
+    """A quantization task, a joint pruning task over two layers, and an additive (low-rank + sparse) task."""
+    return {
+        "fc1.weight": lc.AdaptiveQuantization(k=4),
+        ("fc2.weight", "fc4.weight"): lc.ConstraintL0Pruning(kappa=300),
+        "fc3.weight": lc.LowRank(rank=2) + lc.ConstraintL0Pruning(kappa=64),
+    }
+
+
+def make_data() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(N_SAMPLES, DIM, generator=g)
+    w = torch.randn(DIM, CLASSES, generator=g)
+    y = (x @ w + 0.5 * torch.randn(N_SAMPLES, CLASSES, generator=g)).argmax(1)
+    return x, y
+
+
+def snapshot(alg: lc.LC, model: nn.Module) -> dict:
+    return {
+        "theta": copy.deepcopy([t.compression.state_dict() for t in alg.tasks]),
+        "deltas": {k: v.clone() for k, v in alg.decompressed().items()},
+        "lambdas": {k: v.clone() for k, v in alg.lambdas.items()},
+        "weights": {k: v.detach().clone() for k, v in model.state_dict().items()},
+        "step": alg.step,
+        "mu": alg.mu,
+    }
+
+
+def setup(rank: int, world: int, init_file: str) -> tuple[nn.Module, nn.Module]:
+    if world > 1:
+        dist.init_process_group(
+            "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world, timeout=timedelta(seconds=60)
+        )
+    torch.manual_seed(0)  # the same initial weights everywhere (DDP would broadcast rank 0's anyway)
+    model = MLP()
+    wrapped = DDP(model) if world > 1 else model
+    return model, wrapped
+
+
+def l_step(wrapped, alg, opt, x, y, mu, step, rank, world) -> None:
+    for epoch in range(EPOCHS_PER_STEP):
+        # the same permutation on every rank; rank r takes every world-th element of it, so the union of the
+        # ranks' i-th batches is the single-process run's i-th global batch
+        g = torch.Generator().manual_seed(1000 * step + epoch)
+        for xb, yb in batches(x, y, GLOBAL_BATCH // world, shuffle=True, generator=g, rank=rank, world_size=world):
+            loss = F.cross_entropy(wrapped(xb), yb) + alg.penalty(mu)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+
+
+def train(model, wrapped, alg, rank: int, world: int) -> list[dict]:
+    x, y = make_data()
+    records = [snapshot(alg, model)]
+    for step, mu in enumerate(MU_SCHEDULE):
+        opt = torch.optim.SGD(wrapped.parameters(), lr=lc.clip_lr(LR, mu), momentum=0.9)
+        l_step(wrapped, alg, opt, x, y, mu, step, rank, world)
+        alg.c_step(mu)
+        records.append(snapshot(alg, model))
+    return records
+
+
+def diverge(model, alg, rank: int) -> dict:
+    mu = alg.mu
+    before = snapshot(alg, model)
+    if rank == 1:
+        with torch.no_grad():  # behind DDP's back: only this rank's copy changes
+            noise = torch.randn(model.fc1.weight.shape, generator=torch.Generator().manual_seed(7))
+            model.fc1.weight.add_(1e-3 * noise)
+    error = None
+    try:
+        alg.c_step(mu)
+    except RuntimeError as e:
+        error = str(e)
+    after = snapshot(alg, model)
+    unchanged = (before["step"], before["mu"]) == (after["step"], after["mu"]) and all(
+        torch.equal(before[k][n], after[k][n]) for k in ("deltas", "lambdas") for n in before[k]
+    )
+    # recovery: rank 0's weights everywhere again; the C step must now succeed on every rank
+    with torch.no_grad():
+        for p in model.parameters():
+            dist.broadcast(p, src=0)
+    try:
+        alg.c_step(mu)
+        recovered = True
+    except RuntimeError:
+        recovered = False
+    return {"error": error, "state_unchanged": unchanged, "recovered": recovered}
+
+
+def main(argv: list[str]) -> None:
+    out, rank, world, init_file = argv
+    rank, world = int(rank), int(world)
+    try:
+        model, wrapped = setup(rank, world, init_file)
+        alg = lc.LC(wrapped, make_tasks())
+        result = {"records": train(model, wrapped, alg, rank, world)}
+        if world > 1:
+            result["diverge"] = diverge(model, alg, rank)
+        torch.save(result, Path(out) / f"rank{rank}_world{world}.pt")
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
