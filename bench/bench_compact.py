@@ -34,7 +34,6 @@ import torch.nn.functional as F
 from torch import nn
 
 import lcompress as lc
-from lcompress import export
 from lcompress.models import get_model
 from lcompress.nn import SPARSE_CROSSOVER_DENSITY, SparseLinear, remove_dead_neurons
 
@@ -187,7 +186,10 @@ def dead_neurons(train_epochs: int):
     model.eval()
     ws = ("fc1.weight", "fc2.weight", "fc3.weight")
     n_all = sum(getattr(model, w.split(".")[0]).weight.numel() for w in ws)
-    res = {"trained_on_fashion_mnist_epochs": train_epochs if trained else 0}
+    res = {"trained_on_fashion_mnist_epochs": train_epochs if trained else 0,
+           "note": "direct magnitude pruning (no LC retraining), so test errors are those of a pruned, untuned net"}
+    if trained:
+        res["dense_test_error_pct"] = evaluate(model, data.x_test, data.y_test)
     for frac in (0.05, 0.02, 0.01):
         m = copy.deepcopy(model)
         alg = lc.LC(m, {ws: lc.ConstraintL0Pruning(int(frac * n_all))})

@@ -129,6 +129,20 @@ def test_roundtrip_every_compression(case, tmp_path):
     _roundtrip(alg, tmp_path, X, Small)
 
 
+def test_float64_model_roundtrip(tmp_path):
+    model = _small().double()
+    alg = lc.LC(model, {"fc1.weight": lc.LowRank(3), "fc2.weight": lc.ScaledTernaryQuantization(),
+                        "conv.weight": lc.ConstraintL0Pruning(40)})
+    _roundtrip(alg, tmp_path, X.double(), lambda: Small().double())
+    with pytest.raises(ValueError, match="float64 in the file"):
+        lc.load(tmp_path / "model.lcz", Small())
+
+
+def test_save_rejects_a_non_lc_object(tmp_path):
+    with pytest.raises(TypeError, match="LC object"):
+        export.save(object(), tmp_path / "x.lcz")
+
+
 def test_lenet300_k2_is_about_one_thirtieth(tmp_path):
     model = get_model("lenet300").eval()
     alg = lc.LC(model, {"re:fc\\d\\.weight": lc.AdaptiveQuantization(2)})

@@ -402,8 +402,10 @@ def to_bytes(alg) -> tuple[bytes, dict[str, Any]]:
     """The ``.lcz`` bytes of an :class:`lcompress.LC` object's compressed model, and the header written.
 
     Raises:
-        TypeError: a compression or a dtype the format cannot store.
+        TypeError: ``alg`` is not an LC object, or a compression or a dtype the format cannot store.
     """
+    if not (hasattr(alg, "tasks") and isinstance(getattr(alg, "model", None), nn.Module)):
+        raise TypeError(f"alg must be an lcompress.LC object, got {type(alg).__name__}")
     model = alg.model
     wr = _Writer()
     task_of: dict[int, tuple[int, int]] = {}
@@ -590,9 +592,8 @@ def read(path) -> dict[str, Any]:
 
 def _decode_all(header: Mapping[str, Any], rd: _Reader, where: str) -> tuple[dict[str, Tensor], list[dict]]:
     try:
-        entries, tasks = header["entries"], header["tasks"]
-        names = [e[0] for e in entries]
-    except (KeyError, TypeError, IndexError):
+        entries, tasks = list(header["entries"]), list(header["tasks"])
+    except (KeyError, TypeError):
         raise ValueError(f"{where}: corrupted .lcz header (no entries or tasks)") from None
     info = {}
     for e in entries:
