@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import os
 import sys
+import time
 from datetime import timedelta
 from pathlib import Path
 
@@ -147,6 +148,24 @@ def diverge(model, alg, rank: int) -> dict:
     return {"error": error, "state_unchanged": unchanged, "recovered": recovered}
 
 
+def fail_on_one_rank(model, alg, rank: int) -> dict:
+    """Rank 1's C step fails (NaN in its weights); rank 0 must not wait for it until the timeout."""
+    mu = alg.mu
+    saved = model.fc2.weight.detach().clone()
+    if rank == 1:
+        with torch.no_grad():
+            model.fc2.weight[0, 0] = float("nan")
+    t = time.perf_counter()
+    error = None
+    try:
+        alg.c_step(mu)
+    except (RuntimeError, ValueError) as e:
+        error = f"{type(e).__name__}: {e}"
+    with torch.no_grad():
+        model.fc2.weight.copy_(saved)
+    return {"error": error, "seconds": time.perf_counter() - t}
+
+
 def main(argv: list[str]) -> None:
     out, rank, world, init_file = argv
     rank, world = int(rank), int(world)
@@ -156,6 +175,7 @@ def main(argv: list[str]) -> None:
         result = {"records": train(model, wrapped, alg, rank, world)}
         if world > 1:
             result["diverge"] = diverge(model, alg, rank)
+            result["fail_one"] = fail_on_one_rank(model, alg, rank)
         torch.save(result, Path(out) / f"rank{rank}_world{world}.pt")
     finally:
         if dist.is_initialized():

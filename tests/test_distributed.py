@@ -147,3 +147,10 @@ def test_diverged_rank_raises_on_every_rank(runs):
         assert "fc2.weight" not in res["error"] and "fc3.weight" not in res["error"], res["error"]
         assert res["state_unchanged"], f"{rank}: the failed C step changed Θ/Δ/λ"
         assert res["recovered"], f"{rank}: the C step still failed after re-synchronising the weights"
+
+
+def test_failure_on_one_rank_raises_on_every_rank_without_hanging(runs):
+    r0, r1 = runs["rank0"]["fail_one"], runs["rank1"]["fail_one"]
+    assert r1["error"] is not None and "ValueError" in r1["error"] and "fc2.weight" in r1["error"], r1
+    assert r0["error"] is not None and "another rank" in r0["error"], r0
+    assert r0["seconds"] < 30, r0  # far below the process-group timeout: rank 0 did not wait for rank 1

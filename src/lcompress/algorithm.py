@@ -64,34 +64,68 @@ class _Penalty(torch.autograd.Function):
         return (None, None, *diffs)
 
 
-def _check_ranks_agree(tasks: list[Task], deltas: list[Tensor]) -> None:
-    """Under torch.distributed, verify that every rank computed the same Δ(Θ).
+def _distributed() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _bits_checksum(ts: list[Tensor]) -> Tensor:
+    """Two int64 sums over the bit patterns of ``ts``: plain and position-weighted (wrapping on overflow).
+
+    Exact: a one-bit difference anywhere changes them, whatever the dtype, and no float rounding hides it.
+    """
+    s1 = torch.zeros((), dtype=torch.int64, device=ts[0].device)
+    s2 = torch.zeros((), dtype=torch.int64, device=ts[0].device)
+    off = 0
+    for t in ts:
+        t = t.detach().contiguous().reshape(-1)
+        ity = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()]
+        v = t.view(ity).long()
+        s1 += v.sum()
+        s2 += (v * torch.arange(off + 1, off + 1 + v.numel(), device=v.device)).sum()
+        off += v.numel()
+    return torch.stack([s1, s2])
+
+
+def _check_ranks_agree(tasks: list[Task], deltas: list[Tensor] | None, error: BaseException | None = None) -> None:
+    """Under torch.distributed, verify that every rank computed the same Δ(Θ) — and that none failed.
 
     Each rank runs the C step itself on identical weights (DDP keeps them identical) with deterministic torch
-    ops, so Θ agrees without communication; two small all-reduces (max and min of per-task checksums) verify
-    it. A mismatch raises, naming the task, instead of letting the ranks train towards different models.
+    ops, so Θ agrees without communication; two small all-reduces (max and min of per-task checksums of the bit
+    patterns, plus a success flag) verify it. A rank whose C step failed still joins the all-reduces, so the
+    others raise too instead of waiting for it until the process-group timeout.
     """
     import torch.distributed as dist
 
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if not _distributed():
         return
-    sums, o = [], 0
+    device = tasks[0].params[0].device
+    rows, o = [], 0
     for t in tasks:
         k = len(t.params)
-        flat = [d.reshape(-1).float() for d in deltas[o : o + k]]
+        if deltas is None:
+            rows.append(torch.zeros(2, dtype=torch.int64, device=device))
+        else:
+            rows.append(_bits_checksum(deltas[o : o + k]).to(device))
         o += k
-        pos = [torch.linspace(0.5, 1.5, d.numel(), device=d.device) for d in flat]
-        sums.append(torch.stack([sum(d.sum() for d in flat), sum((d * p).sum() for d, p in zip(flat, pos))]))
-    hi = torch.stack(sums)
+    ok = torch.tensor([0 if error is not None else 1], dtype=torch.int64, device=device)
+    hi = torch.cat([torch.stack(rows).reshape(-1), ok])
     lo = hi.clone()
     dist.all_reduce(hi, op=dist.ReduceOp.MAX)
     dist.all_reduce(lo, op=dist.ReduceOp.MIN)
-    bad = torch.nonzero((hi != lo).any(1)).reshape(-1).tolist()
+    if error is not None:
+        return  # the caller re-raises its own error
+    if int(lo[-1]) == 0:
+        raise RuntimeError("c_step failed on another rank (see that rank's error); this rank's LC state is unchanged")
+    diff = (hi[:-1] != lo[:-1]).reshape(-1, 2).any(1)
+    bad = torch.nonzero(diff).reshape(-1).tolist()
     if bad:
         names = ", ".join(repr(tasks[i].name) for i in bad)
         raise RuntimeError(
             f"c_step: ranks disagree on the compressed weights of task(s) {names}: the weights differ across "
-            "ranks (is the model wrapped in DistributedDataParallel?) or the C step is not deterministic here"
+            "ranks (is the model wrapped in DistributedDataParallel?) or the C step is not deterministic here "
+            "(on CUDA, try torch.use_deterministic_algorithms(True))"
         )
 
 
@@ -197,28 +231,34 @@ class LC:
     @torch.no_grad()
     def _c_step(self, mu: float, update_multipliers: bool) -> None:
         ws = [p.detach() for p in self._params]
-        if self._lambdas is not None and mu > 0:
-            shifted = torch._foreach_add(ws, self._lambdas, alpha=-1.0 / mu)
-        else:
-            shifted = ws
-        inputs, o = [], 0
-        for t in self.tasks:
-            k = len(t.params)
-            x = t.gather(shifted[o : o + k])
-            o += k
-            if not bool(torch.isfinite(x).all()):
-                raise ValueError(
-                    f"c_step: task {t.name!r} has NaN or Inf in its weights"
-                    + (" or multipliers" if self._lambdas is not None else "")
-                    + " (did the L step diverge? try a smaller learning rate, e.g. lc.clip_lr(lr, mu))"
-                )
-            inputs.append(x)
         saved = [t.compression.state_dict() for t in self.tasks]
+        new: list[Tensor] = []
         try:
-            new = []
+            if self._lambdas is not None and mu > 0:
+                shifted = torch._foreach_add(ws, self._lambdas, alpha=-1.0 / mu)
+            else:
+                shifted = ws
+            inputs, o = [], 0
+            for t in self.tasks:
+                k = len(t.params)
+                x = t.gather(shifted[o : o + k])
+                o += k
+                if not bool(torch.isfinite(x).all()):
+                    raise ValueError(
+                        f"c_step: task {t.name!r} has NaN or Inf in its weights"
+                        + (" or multipliers" if self._lambdas is not None else "")
+                        + " (did the L step diverge? try a smaller learning rate, e.g. lc.clip_lr(lr, mu))"
+                    )
+                inputs.append(x)
             for t, x in zip(self.tasks, inputs):
                 out = t.compression.compress(x, mu)
                 new.extend(d.to(p.dtype).contiguous() for d, p in zip(t.scatter(out), t.params))
+        except Exception as e:
+            for t, s in zip(self.tasks, saved):
+                t.compression.load_state_dict(s)
+            _check_ranks_agree(self.tasks, None, error=e)
+            raise
+        try:
             _check_ranks_agree(self.tasks, new)
         except Exception:
             for t, s in zip(self.tasks, saved):

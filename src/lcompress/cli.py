@@ -50,13 +50,26 @@ class _Stop:
             signal.signal(signal.SIGINT, old)
 
 
+class _ConsoleHandler(logging.Handler):
+    """Writes log lines through ``tqdm.write`` so they do not break progress bars."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            from tqdm import tqdm
+
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:  # pragma: no cover
+            self.handleError(record)
+
+
 def _setup_logging(verbose: int, quiet: bool, log_file: Path | None = None) -> None:
     level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
     root = logging.getLogger("lcompress")
     root.setLevel(logging.DEBUG)
     for h in list(root.handlers):
         root.removeHandler(h)
-    console = logging.StreamHandler(sys.stderr)
+        h.close()
+    console = _ConsoleHandler()
     console.setLevel(level)
     console.setFormatter(logging.Formatter("%(message)s"))
     root.addHandler(console)
@@ -67,18 +80,6 @@ def _setup_logging(verbose: int, quiet: bool, log_file: Path | None = None) -> N
         fh.setLevel(logging.DEBUG)
         fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         root.addHandler(fh)
-
-
-@contextmanager
-def _bars_and_logs():
-    """Route log lines through tqdm so they do not break progress bars."""
-    try:
-        from tqdm.contrib.logging import logging_redirect_tqdm
-    except ImportError:  # pragma: no cover
-        yield
-        return
-    with logging_redirect_tqdm(loggers=[logging.getLogger("lcompress")]):
-        yield
 
 
 def _init_distributed() -> tuple[int, int]:
@@ -134,9 +135,8 @@ def cmd_train(args) -> int:
         model = get_model(args.model, **model_args)
     except TypeError as e:
         raise ConfigError(f"--model-arg: {e}") from None
-    with _bars_and_logs():
-        hist = train_reference(model, data, args.epochs, lr=args.lr, lr_decay=args.lr_decay, batch_size=args.batch_size,
-                               seed=args.seed, device=args.device, progress=not args.quiet, weight_decay=args.weight_decay)
+    hist = train_reference(model, data, args.epochs, lr=args.lr, lr_decay=args.lr_decay, batch_size=args.batch_size,
+                           seed=args.seed, device=args.device, progress=not args.quiet, weight_decay=args.weight_decay)
     err = evaluate(model, data.x_test.to(args.device), data.y_test.to(args.device))
     out.parent.mkdir(parents=True, exist_ok=True)
     save_checkpoint(out, model, {"model": args.model, "args": model_args, "dataset": args.dataset, "epochs": args.epochs,
@@ -184,7 +184,7 @@ def cmd_compress(args) -> int:
     _setup_logging(args.verbose, args.quiet or rank != 0, run_dir / "log.txt" if rank == 0 else None)
     stop = _Stop()
     try:
-        with stop.installed(), _bars_and_logs():
+        with stop.installed():
             res = run_compress(cfg, run_dir, resume=bool(args.resume), force=args.force, data_dir=args.data_dir,
                                progress=not args.quiet and rank == 0, should_stop=stop)
     except RunInterrupted as e:
@@ -228,7 +228,7 @@ def cmd_sweep(args) -> int:
     _setup_logging(args.verbose, args.quiet, out / "log.txt")
     values = [_parse_set([f"v={v}"])["v"] for v in args.values]
     stop = _Stop()
-    with stop.installed(), _bars_and_logs():
+    with stop.installed():
         rows = run_sweep(args.config, args.vary, values, out, overrides=_parse_set(args.set),
                          baselines=args.baselines.split(",") if args.baselines else None,
                          data_dir=args.data_dir, progress=not args.quiet, should_stop=stop)
@@ -242,7 +242,6 @@ def cmd_demo(args) -> int:
     from .demo import SCHEMES, format_table, run_demo
 
     out = Path(args.out)
-    _setup_logging(args.verbose, args.quiet, out / "log.txt")
     schemes = args.schemes.split(",") if args.schemes else None
     for s in schemes or []:
         if s not in SCHEMES:
@@ -258,9 +257,10 @@ def cmd_demo(args) -> int:
 
         for name in SCHEMES:
             shutil.rmtree(out / name, ignore_errors=True)
+    _setup_logging(args.verbose, args.quiet, out / "log.txt")
     stop = _Stop()
     try:
-        with stop.installed(), _bars_and_logs():
+        with stop.installed():
             rows = run_demo(out, args.reference, schemes=schemes, steps=args.steps, data_dir=args.data_dir,
                             progress=not args.quiet, should_stop=stop)
     except Exception as e:

@@ -73,7 +73,7 @@ BASE: dict[str, Any] = {
     "data": {"dataset": "fashion-mnist", "batch_size": 256},
     "reference": {"checkpoint": "runs/reference/lenet300.pt", "train_epochs": 40, "lr": 0.1, "lr_decay": 0.95},
     "schedule": {"mu": "auto", "steps": 30, "epochs_per_step": 1},
-    "optimizer": {"lr": 0.02, "momentum": 0.9, "nesterov": True, "lr_decay": 0.98, "clip_lr": True},
+    "optimizer": {"lr": 0.1, "momentum": 0.9, "nesterov": True, "lr_decay": 0.98, "clip_lr": True},
     "evaluate": {"every": 1},
     "lc": {"multipliers": True},
 }

@@ -222,6 +222,27 @@ def _mu_schedule(cfg: RunConfig, alg: LC, model: nn.Module, data: Dataset) -> li
     return mus
 
 
+def _stop_requested(should_stop: Callable[[], bool] | None, world: int, batch: int, every: int = 10) -> bool:
+    """Poll the stop request; under torch.distributed all ranks agree (MAX all-reduce every ``every`` batches),
+    so a Ctrl-C seen by one process stops every rank at the same batch instead of leaving the others waiting."""
+    local = bool(should_stop is not None and should_stop())
+    if world == 1:
+        return local
+    if batch % every:
+        return False
+    import torch.distributed as dist
+
+    flag = torch.tensor([1 if local else 0], device=_flag_device())
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
+
+
+def _flag_device() -> torch.device:
+    import torch.distributed as dist
+
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
 def _results_path(out: Path) -> Path:
     return out / "results.json"
 
@@ -365,7 +386,7 @@ def run_compress(
                     seen += 1
                     if bar is not None:
                         bar.update(1)
-                    if should_stop is not None and should_stop():
+                    if _stop_requested(should_stop, world, seen):
                         raise RunInterrupted(f"stopped during LC step {step + 1}; resume with --resume {out}")
             mean_loss = float(loss_sum) / max(seen, 1)
             if not math.isfinite(mean_loss):

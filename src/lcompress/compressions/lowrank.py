@@ -40,8 +40,8 @@ def to_matrix(w: Tensor, conv_scheme: str = "scheme_1") -> Tensor:
     """Matrix view of a weight.
 
     Linear (out, in) stays as is. A conv weight (out, in, kh, kw) becomes (out, in·kh·kw) under scheme 1 (a k×k
-    conv with r output channels followed by a 1×1 conv) or (out·kh, in·kw) under scheme 2 (a kh×1 conv followed
-    by a 1×kw conv).
+    conv with r output channels followed by a 1×1 conv) or (out·kh, in·kw) under scheme 2 (a 1×kw conv with r
+    output channels followed by a kh×1 conv).
     """
     if w.dim() == 2:
         return w
@@ -103,7 +103,8 @@ class LowRank(_Factors):
 
     Args:
         rank: r with 1 ≤ r ≤ min(m, n) of the matrix view.
-        conv_scheme: how a conv weight becomes a matrix, "scheme_1" (out, in·kh·kw) or "scheme_2" (out·kh, in·kw).
+        conv_scheme: how a conv weight becomes a matrix, "scheme_1" (out, in·kh·kw) or "scheme_2" (out·kh, in·kw);
+            see :func:`to_matrix`.
     """
 
     def __init__(self, rank: int, conv_scheme: str = "scheme_1") -> None:
