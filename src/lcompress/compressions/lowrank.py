@@ -138,7 +138,8 @@ class RankSelection(_Factors):
         criterion: "storage" or "flops".
         conv_scheme: matrix view of a conv weight, as for :class:`LowRank`.
         positions: output positions per sample for the "flops" criterion (required for conv weights).
-        max_rank: optional upper bound on r.
+        max_rank: upper bound on r. By default only ranks whose factors are smaller than the dense matrix,
+            r·(m + n) < m·n, are offered: a larger rank would store (and compute) more than not compressing.
     """
 
     penalty_form = True
@@ -168,6 +169,13 @@ class RankSelection(_Factors):
             "max_rank": self.max_rank,
         }
 
+    def rank_limit(self, shape) -> int:
+        """Largest rank offered for an m×n matrix view."""
+        m, n = shape
+        if self.max_rank is not None:
+            return min(self.max_rank, m, n)
+        return min((m * n - 1) // (m + n), m, n)
+
     def cost_per_rank(self, shape) -> float:
         m, n = shape
         c = float(m + n)
@@ -177,7 +185,7 @@ class RankSelection(_Factors):
 
     def _compress(self, w: Tensor, mu: float) -> Tensor:
         u, s, vh = torch.linalg.svd(w, full_matrices=False)
-        # the tail beyond max_rank adds the same constant to every offered rank, so it can be left out
-        s_sel = s if self.max_rank is None else s[: self.max_rank]
+        # the tail beyond the largest offered rank adds the same constant to every offered rank: leave it out
+        s_sel = s[: self.rank_limit(tuple(w.shape))]
         r = F.rank_select(s_sel, self.alpha, mu, self.cost_per_rank(tuple(w.shape)))
         return self._set(u[:, :r] * s[:r], vh[:r])
