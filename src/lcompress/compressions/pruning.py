@@ -147,7 +147,24 @@ class ConstraintL1Pruning(_Sparse):
         return self._set_dense(F.project_l1_ball(w, self.kappa))
 
 
-class PenaltyL0Pruning(_Sparse):
+class _PenaltyPruning(_Sparse):
+    """Penalty form min_θ α·C(θ) + μ/2‖w − θ‖², solved elementwise by a threshold (``_threshold``)."""
+
+    penalty_form = True
+    _threshold = staticmethod(F.hard_threshold)
+
+    def __init__(self, alpha: float, value_dtype="float32") -> None:
+        super().__init__(value_dtype)
+        self.alpha = check_float("alpha", alpha, low=0.0)
+
+    def _config(self):
+        return {"alpha": self.alpha, **super()._config()}
+
+    def _compress(self, w: Tensor, mu: float) -> Tensor:
+        return self._set_dense(self._threshold(w, self.alpha, mu))
+
+
+class PenaltyL0Pruning(_PenaltyPruning):
     """Penalty form: min_θ α‖θ‖₀ + μ/2‖w − θ‖², i.e. hard thresholding at √(2α/μ).
 
     As μ grows along the LC path the threshold falls; at μ → 0⁺ (direct compression) every weight is pruned.
@@ -157,20 +174,10 @@ class PenaltyL0Pruning(_Sparse):
         value_dtype: precision of the surviving values.
     """
 
-    penalty_form = True
-
-    def __init__(self, alpha: float, value_dtype="float32") -> None:
-        super().__init__(value_dtype)
-        self.alpha = check_float("alpha", alpha, low=0.0)
-
-    def _config(self):
-        return {"alpha": self.alpha, **super()._config()}
-
-    def _compress(self, w: Tensor, mu: float) -> Tensor:
-        return self._set_dense(F.hard_threshold(w, self.alpha, mu))
+    _threshold = staticmethod(F.hard_threshold)
 
 
-class PenaltyL1Pruning(_Sparse):
+class PenaltyL1Pruning(_PenaltyPruning):
     """Penalty form: min_θ α‖θ‖₁ + μ/2‖w − θ‖², i.e. soft thresholding at α/μ.
 
     Args:
@@ -178,14 +185,4 @@ class PenaltyL1Pruning(_Sparse):
         value_dtype: precision of the surviving values.
     """
 
-    penalty_form = True
-
-    def __init__(self, alpha: float, value_dtype="float32") -> None:
-        super().__init__(value_dtype)
-        self.alpha = check_float("alpha", alpha, low=0.0)
-
-    def _config(self):
-        return {"alpha": self.alpha, **super()._config()}
-
-    def _compress(self, w: Tensor, mu: float) -> Tensor:
-        return self._set_dense(F.soft_threshold(w, self.alpha, mu))
+    _threshold = staticmethod(F.soft_threshold)
