@@ -62,7 +62,44 @@ class _ConsoleHandler(logging.Handler):
             self.handleError(record)
 
 
-def _setup_logging(verbose: int, quiet: bool, log_file: Path | None = None) -> None:
+class _DeferredFileHandler(logging.Handler):
+    """A log file that is opened only when :meth:`start` is called; records before that wait in memory (and are
+    dropped if it never is), so a command that fails validation leaves the run directory exactly as it was."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(logging.DEBUG)
+        self.path = path
+        self.pending: list[logging.LogRecord] = []
+        self.file: logging.FileHandler | None = None
+
+    def start(self) -> None:
+        if self.file is not None:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.file = logging.FileHandler(self.path)
+        self.file.setFormatter(self.formatter)
+        for record in self.pending:
+            self.file.handle(record)
+        self.pending.clear()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.file is not None:
+            self.file.handle(record)
+        else:
+            self.pending.append(record)
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+        self.pending.clear()
+        super().close()
+
+
+def _setup_logging(
+    verbose: int, quiet: bool, log_file: Path | None = None, defer: bool = False
+) -> _DeferredFileHandler | None:
+    """Console logging (through tqdm) and, with ``log_file``, a DEBUG log there: opened at once, or with ``defer``
+    only when the returned handler's ``start()`` is called."""
     level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
     root = logging.getLogger("lcompress")
     root.setLevel(logging.DEBUG)
@@ -74,12 +111,14 @@ def _setup_logging(verbose: int, quiet: bool, log_file: Path | None = None) -> N
     console.setFormatter(logging.Formatter("%(message)s"))
     root.addHandler(console)
     root.propagate = False
-    if log_file is not None:
-        log_file.parent.mkdir(parents=True, exist_ok=True)
-        fh = logging.FileHandler(log_file)
-        fh.setLevel(logging.DEBUG)
-        fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        root.addHandler(fh)
+    if log_file is None:
+        return None
+    fh = _DeferredFileHandler(log_file)
+    fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root.addHandler(fh)
+    if not defer:
+        fh.start()
+    return fh
 
 
 def _init_distributed() -> tuple[int, int]:
@@ -115,11 +154,8 @@ def _parse_set(items: list[str] | None) -> dict[str, Any]:
 
 # ---- subcommands ------------------------------------------------------------------------------------------------
 def cmd_train(args) -> int:
-    import torch
-
-    from .config import ConfigError, RunConfig, parse_config
-    from .experiment import load_data
-    from .models import get_model
+    from .config import ConfigError, parse_config
+    from .experiment import build_model, load_data
     from .training import evaluate, save_checkpoint, train_reference
 
     _setup_logging(args.verbose, args.quiet)
@@ -127,14 +163,11 @@ def cmd_train(args) -> int:
     if out.exists() and not args.overwrite:
         raise ConfigError(f"--out {str(out)!r} exists; pass --overwrite to replace it")
     model_args = _parse_set(args.model_arg)
+    # a config with a placeholder task validates --model, --model-arg and --dataset the way `compress` does
     cfg = parse_config({"model": {"name": args.model, "args": model_args}, "data": {"dataset": args.dataset},
-                        "tasks": [{"params": "re:.*", "compression": {"type": "BinaryQuantization"}}]})
+                        "seed": args.seed, "tasks": [{"params": "re:.*", "compression": {"type": "BinaryQuantization"}}]})
     data = load_data(cfg, args.data_dir)
-    torch.manual_seed(args.seed)
-    try:
-        model = get_model(args.model, **model_args)
-    except TypeError as e:
-        raise ConfigError(f"--model-arg: {e}") from None
+    model = build_model(cfg)  # seeded by --seed
     hist = train_reference(model, data, args.epochs, lr=args.lr, lr_decay=args.lr_decay, batch_size=args.batch_size,
                            seed=args.seed, device=args.device, progress=not args.quiet, weight_decay=args.weight_decay)
     err = evaluate(model, data.x_test.to(args.device), data.y_test.to(args.device))
@@ -166,27 +199,22 @@ def cmd_compress(args) -> int:
     overrides = _parse_set(args.set)
     if args.resume:
         run_dir = Path(args.resume)
-        if args.config is None:
-            cfg_file = run_dir / "config.json"
-            if not cfg_file.is_file():
-                raise ConfigError(f"--resume {str(run_dir)!r}: no config.json there")
-            from .config import parse_config
-
-            raw = json.loads(cfg_file.read_text())
-            cfg = parse_config(_raw_from_saved(raw), source=str(cfg_file))
-        else:
-            cfg = load_config(args.config, overrides)
+        if args.out and Path(args.out) != run_dir:
+            raise ConfigError(f"--out {args.out!r}: a resumed run stays in its directory {str(run_dir)!r}")
+        cfg = load_config(args.config, overrides) if args.config else _saved_config(run_dir, overrides)
     else:
         if args.config is None:
             raise ConfigError("compress: a config file is needed (or --resume RUN_DIR)")
         cfg = load_config(args.config, overrides)
         run_dir = Path(args.out) if args.out else Path("runs") / cfg.name
-    _setup_logging(args.verbose, args.quiet or rank != 0, run_dir / "log.txt" if rank == 0 else None)
+    log = _setup_logging(args.verbose, args.quiet or rank != 0, run_dir / "log.txt" if rank == 0 else None,
+                         defer=True)
     stop = _Stop()
     try:
         with stop.installed():
             res = run_compress(cfg, run_dir, resume=bool(args.resume), force=args.force, data_dir=args.data_dir,
-                               progress=not args.quiet and rank == 0, should_stop=stop)
+                               progress=not args.quiet and rank == 0, should_stop=stop,
+                               on_ready=log.start if log is not None else None)
     except RunInterrupted as e:
         print(f"lcompress: interrupted: {e}", file=sys.stderr)
         return EXIT_INTERRUPTED
@@ -196,26 +224,20 @@ def cmd_compress(args) -> int:
     return 0
 
 
-def _raw_from_saved(saved: dict[str, Any]) -> dict[str, Any]:
-    """A saved ``config.json`` back into the TOML shape (drop the keys parse_config derives)."""
-    raw = dict(saved)
-    raw["tasks"] = [dict(t) for t in saved["tasks"]]
-    sched = dict(saved["schedule"])
-    if sched.get("mu") == "geometric":
-        sched["mu"] = None
-    if isinstance(sched.get("mu"), list) or sched.get("mu") == "auto":
-        if sched.get("mu0") is None:
-            sched.pop("mu0", None)
-        if sched.get("factor") is None:
-            sched.pop("factor", None)
-    if sched.get("mu") is None:
-        sched.pop("mu")
-    raw["schedule"] = sched
-    ref = dict(saved["reference"])
-    raw["reference"] = {k: v for k, v in ref.items() if v is not None}
-    data = dict(saved["data"])
-    raw["data"] = {k: v for k, v in data.items() if v is not None}
-    return raw
+def _saved_config(run_dir: Path, overrides: dict[str, Any] | None = None):
+    """The config a run directory was started with (its ``config.json``), with ``--set`` overrides applied."""
+    from .config import ConfigError, parse_config, set_dotted
+
+    cfg_file = run_dir / "config.json"
+    if not cfg_file.is_file():
+        raise ConfigError(f"{str(run_dir)!r}: not a run directory (no config.json there)")
+    try:
+        raw = json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{cfg_file}: not valid JSON ({e})") from None
+    for key, value in (overrides or {}).items():
+        set_dotted(raw, key, value)
+    return parse_config(raw, source=str(cfg_file))
 
 
 def cmd_sweep(args) -> int:
@@ -225,13 +247,13 @@ def cmd_sweep(args) -> int:
 
     base = load_config(args.config, _parse_set(args.set))
     out = Path(args.out) if args.out else Path("runs") / f"sweep_{base.name}"
-    _setup_logging(args.verbose, args.quiet, out / "log.txt")
+    log = _setup_logging(args.verbose, args.quiet, out / "log.txt", defer=True)
     values = [_parse_set([f"v={v}"])["v"] for v in args.values]
     stop = _Stop()
     with stop.installed():
         rows = run_sweep(args.config, args.vary, values, out, overrides=_parse_set(args.set),
                          baselines=args.baselines.split(",") if args.baselines else None,
-                         data_dir=args.data_dir, progress=not args.quiet, should_stop=stop)
+                         data_dir=args.data_dir, progress=not args.quiet, should_stop=stop, on_ready=log.start)
     print(format_table(rows, [("value", args.vary, "s"), ("method", "method", "s"), ("test_error", "test error %", ".2f"),
                               ("ratio", "ratio", ".2f")]))
     print(f"CSV: {out / 'sweep.csv'}  plot: {out / 'sweep.png'}")
@@ -284,7 +306,7 @@ def cmd_export(args) -> int:
     import torch
 
     from .algorithm import LC
-    from .config import ConfigError, parse_config
+    from .config import ConfigError
     from .experiment import build_model
 
     _setup_logging(args.verbose, args.quiet)
@@ -292,8 +314,21 @@ def cmd_export(args) -> int:
     for f in ("config.json", "lc_state.pt"):
         if not (run / f).is_file():
             raise ConfigError(f"{str(run)!r} is not a finished run directory: {f} is missing")
-    cfg = parse_config(_raw_from_saved(json.loads((run / "config.json").read_text())))
+    cfg = _saved_config(run)
     model = build_model(cfg)
+    # the weights Θ does not cover (biases, BatchNorm, uncompressed layers) are the run's last L step's, kept in
+    # checkpoint.pt; without it the reference's are the best there is
+    ckpt = run / "checkpoint.pt"
+    if ckpt.is_file():
+        model.load_state_dict(torch.load(ckpt, map_location="cpu", weights_only=True)["model"])
+    elif cfg.reference.checkpoint and Path(cfg.reference.checkpoint).is_file():
+        from .training import load_checkpoint
+
+        logger.warning("%s is missing: the uncompressed weights in the file are the reference's", ckpt)
+        load_checkpoint(cfg.reference.checkpoint, model)
+    else:
+        raise ConfigError(f"{str(run)!r}: neither checkpoint.pt nor the reference checkpoint "
+                          f"{cfg.reference.checkpoint!r} is there to take the uncompressed weights from")
     state = torch.load(run / "lc_state.pt", map_location="cpu", weights_only=True)
     alg = LC(model, cfg.task_map(), multipliers=cfg.lc.multipliers)
     alg.load_state_dict(state)
@@ -405,11 +440,19 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (ConfigError, FileNotFoundError) as e:
-        print(f"lcompress: error: {e}", file=sys.stderr)
+        message = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
+        print(f"lcompress: error: {message}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print("lcompress: aborted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except Exception as e:
+        from .experiment import RunInterrupted
+
+        if isinstance(e, RunInterrupted):  # e.g. a sweep stopped by Ctrl-C: rerunning it continues
+            print(f"lcompress: interrupted: {e}", file=sys.stderr)
+            return EXIT_INTERRUPTED
+        raise
 
 
 if __name__ == "__main__":

@@ -75,7 +75,7 @@ class TaskConfig:
 
 @dataclass
 class ScheduleConfig:
-    mu: Any = "auto"  # "auto" | list of floats | None (then mu0 and factor)
+    mu: Any = "auto"  # "auto" | "geometric" (mu0 and factor; implied when only those are given) | list of floats
     mu0: float | None = None
     factor: float | None = None
     steps: int = 30
@@ -131,7 +131,7 @@ class RunConfig:
         out: dict[Any, Compression] = {}
         for i, t in enumerate(self.tasks):
             key = t.params if isinstance(t.params, str) else tuple(t.params)
-            out[key] = build_compression(t.compression, f"tasks[{i}].compression")
+            out[key] = build_compression(t.compression, f"tasks.{i}.compression")
         return out
 
 
@@ -145,11 +145,23 @@ _SECTIONS = {
     "lc": LCConfig,
 }
 _TOP = {"name", "seed", "device", "tasks", *_SECTIONS}
+# fields whose default is None: the type a given value must have
+_OPTIONAL = {"dir": str, "checkpoint": str, "mu0": float, "factor": float}
+
+
+def _short(v: Any, limit: int = 80) -> str:
+    r = repr(v)
+    return r if len(r) <= limit else r[: limit - 3] + "..."
 
 
 def _type_ok(value: Any, default: Any, name: str) -> bool:
-    if default is None or name in ("mu", "params", "compression", "args"):
+    if name in ("mu", "params", "compression", "args"):
         return True
+    if default is None:
+        want = _OPTIONAL.get(name)
+        if value is None or want is None:
+            return True
+        default = want()
     if isinstance(default, bool):
         return isinstance(value, bool)
     if isinstance(default, int):
@@ -159,17 +171,25 @@ def _type_ok(value: Any, default: Any, name: str) -> bool:
     return isinstance(value, type(default))
 
 
+def _type_name(default: Any, name: str) -> str:
+    if default is None and name in _OPTIONAL:
+        return _OPTIONAL[name].__name__
+    return type(default).__name__
+
+
 def _section(cls, raw: Any, path: str):
     if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a table, got {raw!r}")
+        raise ConfigError(f"{path}={_short(raw)}: expected a table")
     obj = cls()
     known = set(obj.__dataclass_fields__)
     for k, v in raw.items():
         if k not in known:
-            raise ConfigError(f"{path}.{k}: unknown key (known: {', '.join(sorted(known))})")
-        if not _type_ok(v, getattr(obj, k), k):
-            raise ConfigError(f"{path}.{k}={v!r}: expected {type(getattr(obj, k)).__name__}")
-        setattr(obj, k, float(v) if isinstance(getattr(obj, k), float) and isinstance(v, int) else v)
+            raise ConfigError(f"{path}.{k}={_short(v)}: unknown key (known: {', '.join(sorted(known))})")
+        default = getattr(obj, k)
+        if not _type_ok(v, default, k):
+            raise ConfigError(f"{path}.{k}={_short(v)}: expected {_type_name(default, k)}")
+        numeric_float = isinstance(default, float) or (default is None and _OPTIONAL.get(k) is float)
+        setattr(obj, k, float(v) if numeric_float and isinstance(v, int) and not isinstance(v, bool) else v)
     return obj
 
 
@@ -185,7 +205,7 @@ def build_compression(spec: Any, path: str = "compression") -> Compression:
         parts = [build_compression(p, f"{path}[{i}]") for i, p in enumerate(spec)]
         return AdditiveCombination(*parts)
     if not isinstance(spec, dict) or "type" not in spec:
-        raise ConfigError(f"{path}: expected a table with a 'type' key, got {spec!r}")
+        raise ConfigError(f"{path}={_short(spec)}: expected a table with a 'type' key")
     name = spec["type"]
     if name not in REGISTRY and name != "AdditiveCombination":
         raise ConfigError(f"{path}.type={name!r}: unknown compression (known: {', '.join(sorted(REGISTRY))})")
@@ -219,15 +239,15 @@ def parse_config(raw: dict[str, Any], source: str | None = None) -> RunConfig:
     from .models import MODELS
 
     if not isinstance(raw, dict):
-        raise ConfigError("the config must be a table")
+        raise ConfigError(f"the config must be a table, got {_short(raw)}")
     for k in raw:
         if k not in _TOP:
-            raise ConfigError(f"{k}: unknown key (known: {', '.join(sorted(_TOP))})")
+            raise ConfigError(f"{k}={_short(raw[k])}: unknown key (known: {', '.join(sorted(_TOP))})")
     cfg = RunConfig(source=source)
     for k in ("name", "seed", "device"):
         if k in raw:
             if not _type_ok(raw[k], getattr(cfg, k), k):
-                raise ConfigError(f"{k}={raw[k]!r}: expected {type(getattr(cfg, k)).__name__}")
+                raise ConfigError(f"{k}={_short(raw[k])}: expected {type(getattr(cfg, k)).__name__}")
             setattr(cfg, k, raw[k])
     for k, cls in _SECTIONS.items():
         if k in raw:
@@ -252,21 +272,25 @@ def parse_config(raw: dict[str, Any], source: str | None = None) -> RunConfig:
     if cfg.reference.train_epochs < 0:
         raise ConfigError(f"reference.train_epochs={cfg.reference.train_epochs}: must be >= 0")
     # tasks
-    raw_tasks = raw.get("tasks", [])
+    if "tasks" not in raw:
+        raise ConfigError("tasks: missing; at least one [[tasks]] entry is needed (params = ..., compression = {...})")
+    raw_tasks = raw["tasks"]
     if not isinstance(raw_tasks, list) or not raw_tasks:
-        raise ConfigError("tasks: at least one [[tasks]] entry is needed (params = ..., compression = {...})")
+        raise ConfigError(f"tasks={_short(raw_tasks)}: at least one [[tasks]] entry is needed "
+                          "(params = ..., compression = {...})")
     for i, t in enumerate(raw_tasks):
-        path = f"tasks[{i}]"
+        path = f"tasks.{i}"
         if not isinstance(t, dict):
-            raise ConfigError(f"{path}: expected a table")
+            raise ConfigError(f"{path}={_short(t)}: expected a table")
         for k in t:
             if k not in ("params", "compression"):
-                raise ConfigError(f"{path}.{k}: unknown key (known: compression, params)")
-        if "params" not in t or "compression" not in t:
-            raise ConfigError(f"{path}: needs both 'params' and 'compression'")
+                raise ConfigError(f"{path}.{k}={_short(t[k])}: unknown key (known: compression, params)")
+        for k in ("params", "compression"):
+            if k not in t:
+                raise ConfigError(f"{path}.{k}: missing (a task needs both 'params' and 'compression')")
         p = t["params"]
         if not (isinstance(p, str) or (isinstance(p, list) and p and all(isinstance(x, str) for x in p))):
-            raise ConfigError(f"{path}.params={p!r}: expected a name, a 're:' pattern or a list of names")
+            raise ConfigError(f"{path}.params={_short(p)}: expected a name, a 're:' pattern or a list of names")
         build_compression(t["compression"], f"{path}.compression")
         cfg.tasks.append(TaskConfig(params=p, compression=t["compression"]))
     # schedule
@@ -275,29 +299,44 @@ def parse_config(raw: dict[str, Any], source: str | None = None) -> RunConfig:
         raise ConfigError(f"schedule.steps={s.steps}: must be >= 1")
     if s.epochs_per_step < 1:
         raise ConfigError(f"schedule.epochs_per_step={s.epochs_per_step}: must be >= 1")
+    mu_given = isinstance(raw.get("schedule"), dict) and raw["schedule"].get("mu") is not None
+    if not mu_given:  # mu0 and/or factor alone mean a geometric schedule
+        s.mu = "geometric" if s.mu0 is not None or s.factor is not None else "auto"
     if isinstance(s.mu, list):
         if not s.mu or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in s.mu):
-            raise ConfigError(f"schedule.mu={s.mu!r}: expected a non-empty list of numbers")
-        if any(not (v > 0 and math.isfinite(v)) for v in s.mu):
-            raise ConfigError(f"schedule.mu={s.mu!r}: every value must be a finite number > 0")
-        bad = [i for i in range(1, len(s.mu)) if s.mu[i] <= s.mu[i - 1]]
-        if bad:
-            i = bad[0]
-            raise ConfigError(f"schedule.mu: not increasing at index {i} ({s.mu[i - 1]} then {s.mu[i]})")
+            raise ConfigError(f"schedule.mu={_short(s.mu)}: expected a non-empty list of numbers")
+        for i, v in enumerate(s.mu):
+            if not (v > 0 and math.isfinite(v)):
+                raise ConfigError(f"schedule.mu.{i}={v!r}: every value must be a finite number > 0")
+        for i in range(1, len(s.mu)):
+            if s.mu[i] <= s.mu[i - 1]:
+                raise ConfigError(
+                    f"schedule.mu.{i}={s.mu[i]!r}: not greater than schedule.mu.{i - 1}={s.mu[i - 1]!r} "
+                    f"(the schedule {_short(s.mu)} must increase)"
+                )
+        for k in ("mu0", "factor"):
+            if getattr(s, k) is not None:
+                raise ConfigError(f"schedule.{k}={getattr(s, k)!r}: not used with a list schedule.mu; remove it")
         s.steps = len(s.mu)
     elif s.mu == "auto":
-        if s.mu0 is not None or s.factor is not None:
-            raise ConfigError("schedule: give either mu = \"auto\" or mu0 and factor, not both")
-    elif s.mu is None or s.mu == "geometric":
-        if s.mu0 is None or s.factor is None:
-            raise ConfigError("schedule: mu0 and factor are both needed for a geometric schedule")
-        if not s.mu0 > 0:
-            raise ConfigError(f"schedule.mu0={s.mu0}: must be > 0")
-        if not s.factor > 1:
-            raise ConfigError(f"schedule.factor={s.factor}: must be > 1 (μ must increase)")
-        s.mu = "geometric"
+        for k in ("mu0", "factor"):
+            if getattr(s, k) is not None:
+                raise ConfigError(f"schedule.{k}={getattr(s, k)!r}: not used with schedule.mu=\"auto\"; "
+                                  "give either mu = \"auto\" or mu0 and factor")
+    elif s.mu == "geometric":
+        for k, other in (("mu0", "factor"), ("factor", "mu0")):
+            if getattr(s, k) is None:
+                have = getattr(s, other)
+                raise ConfigError(
+                    f"schedule.{k}: missing; a geometric schedule needs both mu0 and factor"
+                    + (f" (schedule.{other}={have!r} is given)" if have is not None else "")
+                )
+        if not (s.mu0 > 0 and math.isfinite(s.mu0)):
+            raise ConfigError(f"schedule.mu0={s.mu0!r}: must be a finite number > 0")
+        if not (s.factor > 1 and math.isfinite(s.factor)):
+            raise ConfigError(f"schedule.factor={s.factor!r}: must be a finite number > 1 (μ must increase)")
     else:
-        raise ConfigError(f"schedule.mu={s.mu!r}: expected \"auto\", \"geometric\" or a list of numbers")
+        raise ConfigError(f"schedule.mu={_short(s.mu)}: expected \"auto\", \"geometric\" or a list of numbers")
     if not 0 < s.penalty_fraction:
         raise ConfigError(f"schedule.penalty_fraction={s.penalty_fraction}: must be > 0")
     if not 0 < s.final_distance < 1:
@@ -361,14 +400,22 @@ def set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
         cur[last] = value
 
 
-def config_diff(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:
-    """Dotted paths where two config dicts differ."""
-    out = []
-    for k in sorted(set(a) | set(b)):
-        p = f"{prefix}{k}"
-        va, vb = a.get(k, "<missing>"), b.get(k, "<missing>")
-        if isinstance(va, dict) and isinstance(vb, dict):
-            out += config_diff(va, vb, p + ".")
-        elif json.dumps(va, sort_keys=True, default=str) != json.dumps(vb, sort_keys=True, default=str):
-            out.append(f"{p}: {va!r} -> {vb!r}")
-    return out
+def config_diff(a: Any, b: Any, prefix: str = "") -> list[str]:
+    """Dotted paths (list elements by index, as ``--set`` names them) where two config dicts differ, each with
+    both values: ``["optimizer.lr: 0.1 -> 0.05", "tasks.0.compression.k: 2 -> 4"]``."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for k in sorted(set(a) | set(b), key=str):
+            out += config_diff(a.get(k, "<missing>"), b.get(k, "<missing>"), f"{prefix}{k}.")
+        return out
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        out = []
+        for i, (va, vb) in enumerate(zip(a, b)):
+            out += config_diff(va, vb, f"{prefix}{i}.")
+        return out
+    numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (a, b))
+    if numbers and a == b:  # 1 and 1.0 are the same setting
+        return []
+    if json.dumps(a, sort_keys=True, default=str) != json.dumps(b, sort_keys=True, default=str):
+        return [f"{prefix.rstrip('.')}: {_short(a)} -> {_short(b)}"]
+    return []

@@ -74,22 +74,31 @@ def atomic_save(obj: Any, path: str | Path) -> None:
     file, never a partial one."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     _fsync_dir(path.parent)
 
 
 def atomic_write_text(text: str, path: str | Path) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename (see :func:`atomic_save`)."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 # ---- model and data ---------------------------------------------------------------------------------------------
@@ -100,19 +109,22 @@ def load_data(cfg: RunConfig, data_dir: str | None = None) -> Dataset:
     name = cfg.data.dataset
     where = data_dir or cfg.data.dir
     if ":" in name:
-        out = resolve_entry_point(name, "data.dataset")()
+        try:
+            out = resolve_entry_point(name, "data.dataset")()
+        except FileNotFoundError as e:
+            raise ConfigError(f"data.dataset={name!r}: {_one_line(e)}") from None
         if isinstance(out, tuple) and len(out) == 4:
             out = Dataset(*out)
         if not isinstance(out, Dataset):
             raise ConfigError(f"data.dataset={name!r} must return lcompress.data.Dataset or (x_train, y_train, x_test, y_test)")
         return out
-    if name == "fashion-mnist":
-        return D.load_fashion_mnist(where)
-    if name == "mnist":
-        return D.load_mnist(where)
-    if name == "cifar10":
-        return D.load_cifar10(where)
-    raise ConfigError(f"data.dataset={name!r}: unknown dataset")
+    loaders = {"fashion-mnist": D.load_fashion_mnist, "mnist": D.load_mnist, "cifar10": D.load_cifar10}
+    if name not in loaders:
+        raise ConfigError(f"data.dataset={name!r}: unknown dataset")
+    try:
+        return loaders[name](where)
+    except FileNotFoundError as e:
+        raise ConfigError(f"data.dir={where!r}: {_one_line(e)}") from None
 
 
 def build_model(cfg: RunConfig) -> nn.Module:
@@ -247,6 +259,41 @@ def _results_path(out: Path) -> Path:
     return out / "results.json"
 
 
+def _one_line(e: BaseException) -> str:
+    return " ".join(line.strip() for line in str(e).splitlines() if line.strip())
+
+
+def _load_run_checkpoint(path: Path) -> dict[str, Any]:
+    """The run checkpoint, on the CPU (RNG states must stay there; the load_state_dict calls move the rest).
+
+    Only ``checkpoint.pt`` is ever read: a ``checkpoint.pt.tmp`` is a save that did not finish."""
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a file that is not a torch checkpoint at all
+        raise ConfigError(f"{path}: not a readable lcompress run checkpoint ({_one_line(e)})") from None
+    if not isinstance(ck, dict) or ck.get("format") != RUN_FORMAT:
+        raise ConfigError(f"{path}: not an lcompress run checkpoint")
+    if ck.get("version", 0) > RUN_VERSION:
+        raise ConfigError(f"{path}: run checkpoint version {ck.get('version')} is newer than supported ({RUN_VERSION})")
+    return ck
+
+
+def _check_tasks(model: nn.Module, tasks: dict[Any, Any]) -> None:
+    """Resolve the config's task keys against the model; errors name the task (``tasks.<i>.params``) and key."""
+    from .tasks import resolve_tasks
+
+    for i, (key, comp) in enumerate(tasks.items()):
+        try:
+            resolve_tasks(model, {key: comp})
+        except (TypeError, ValueError) as e:
+            shown = key if isinstance(key, str) else list(key)
+            raise ConfigError(f"tasks.{i}.params={shown!r}: {_one_line(e)}") from None
+    try:
+        resolve_tasks(model, tasks)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"tasks: {_one_line(e)}") from None
+
+
 def run_compress(
     cfg: RunConfig,
     out_dir: str | Path,
@@ -257,6 +304,7 @@ def run_compress(
     progress: bool = True,
     should_stop: Callable[[], bool] | None = None,
     export: bool = True,
+    on_ready: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
     """Run LC as configured, writing the run directory (see the module docstring).
 
@@ -270,12 +318,21 @@ def run_compress(
         progress: show a progress bar (rank 0 only).
         should_stop: polled between minibatches; True stops the run after saving what is done so far.
         export: write ``model.lcz`` at the end.
+        on_ready: called once everything was validated and the run directory exists, before the first write to
+            it beyond ``config.json`` (the CLI opens its log file there then).
 
     Returns:
         the results dict (also in ``results.json``).
 
+    Resuming restores everything the continuation depends on, so an interrupted and resumed run ends bit for bit
+    where an uninterrupted one does (same device and thread count): model, optimizer (momentum), LC state, the
+    minibatch generator, the global RNG, the μ schedule (an "auto" one is not measured again), the step index and
+    the results so far. Only ``checkpoint.pt`` is read, never a half-written ``checkpoint.pt.tmp``.
+
     Raises:
-        ConfigError: a bad or changed configuration, a missing checkpoint, an existing run directory.
+        ConfigError: a bad or changed configuration (the differing fields named), an unknown parameter in a task,
+            a missing reference checkpoint or data file, an existing run directory, a checkpoint that does not fit
+            the config. Nothing in the run directory is written before these checks pass.
         RunInterrupted: ``should_stop`` returned True (results so far are saved).
     """
     rank, world = _dist_info()
@@ -283,19 +340,25 @@ def run_compress(
     out = Path(out_dir)
     ckpt_path = out / "checkpoint.pt"
     cfg_dict = cfg.to_dict()
+    # Validate everything before writing anything: a bad config, a missing file or a changed config leaves the run
+    # directory as it was.
+    diff: list[str] = []
+    ck: dict[str, Any] | None = None
     if resume:
-        if not ckpt_path.is_file():
-            raise ConfigError(f"--resume {str(out)!r}: no checkpoint.pt there to resume from")
-        saved_cfg = json.loads((out / "config.json").read_text())
-        diff = config_diff(saved_cfg, cfg_dict)
+        cfg_file = out / "config.json"
+        if not cfg_file.is_file():
+            raise ConfigError(f"--resume {str(out)!r}: not a run directory (no config.json there)")
+        diff = config_diff(json.loads(cfg_file.read_text()), cfg_dict)
         if diff and not force:
-            raise ConfigError(f"the config differs from the run being resumed ({'; '.join(diff)}); use --force to resume anyway")
+            raise ConfigError(
+                f"the config differs from the run being resumed ({'; '.join(diff)}); use --force to resume anyway"
+            )
+        if ckpt_path.is_file():
+            ck = _load_run_checkpoint(ckpt_path)
+        else:
+            logger.warning("%s: no checkpoint.pt (stopped during the first LC step): starting from the beginning", out)
     elif (out / "results.json").exists() or ckpt_path.exists():
         raise ConfigError(f"run directory {str(out)!r} already holds a run; use --resume, or another --out")
-    if writer:
-        out.mkdir(parents=True, exist_ok=True)
-        if not resume:
-            atomic_write_text(json.dumps(cfg_dict, indent=2), out / "config.json")
 
     if data is None:
         data = load_data(cfg, data_dir)
@@ -304,55 +367,79 @@ def run_compress(
     x_test, y_test = data.x_test.to(device), data.y_test.to(device)
     model, ref_meta = prepare_reference(cfg, data, progress=progress and writer, is_writer=writer)
     t0 = time.perf_counter()
-    ref_error = evaluate(model, x_test, y_test)
     tasks = cfg.task_map()
+    _check_tasks(model, tasks)
     penalty = any(c.penalty_form for c in tasks.values())
 
     ddp_model: nn.Module = model
     if world > 1:
         ddp_model = nn.parallel.DistributedDataParallel(model)
     alg = LC(ddp_model, tasks, multipliers=cfg.lc.multipliers)
-    mus = _mu_schedule(cfg, alg, model, data)
-    if penalty:
-        # penalty forms compress everything away at μ → 0⁺: compare with direct compression at the last μ
-        dc_alg = LC(copy.deepcopy(model), cfg.task_map(), multipliers=False, direct_mu=mus[-1])
+    # The μ schedule of a resumed run is the one it started with (an "auto" one is not measured again); only a
+    # forced resume with a changed [schedule] takes the new one.
+    schedule_changed = any(d.startswith("schedule.") for d in diff)
+    if ck is not None and not schedule_changed:
+        mus = [float(v) for v in json.loads(ck["results"])["schedule"]]
     else:
-        dc_alg = alg
-    with dc_alg.compressed() as m:
-        dc_error = evaluate(m, x_test, y_test)
-    dc_sizes = dc_alg.size_report()
-    del dc_alg
-    logger.info("reference test error %.2f%%, direct compression %.2f%% (ratio %.2f)", ref_error, dc_error, dc_sizes["ratio"])
+        mus = _mu_schedule(cfg, alg, model, data)
 
     opt = torch.optim.SGD(model.parameters(), lr=cfg.optimizer.lr, momentum=cfg.optimizer.momentum,
                           nesterov=cfg.optimizer.nesterov and cfg.optimizer.momentum > 0,
                           weight_decay=cfg.optimizer.weight_decay)
     gen = torch.Generator().manual_seed(cfg.seed + 1)
-    torch.manual_seed(cfg.seed + 2)
-    results: dict[str, Any] = {
-        "name": cfg.name,
-        "config": cfg_dict,
-        "reference": {"test_error": ref_error, "checkpoint": cfg.reference.checkpoint, "meta": ref_meta},
-        "direct_compression": {"test_error": dc_error, "mu": mus[-1] if penalty else None, **_sizes(dc_sizes)},
-        "schedule": mus,
-        "steps": [],
-        "world_size": world,
-    }
-    start = 0
-    if resume:
-        ck = torch.load(ckpt_path, map_location=device, weights_only=True)
-        if ck.get("format") != RUN_FORMAT:
-            raise ConfigError(f"{ckpt_path}: not an lcompress run checkpoint")
-        model.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optimizer"])
-        alg.load_state_dict(ck["lc"])
+    if ck is None:
+        ref_error = evaluate(model, x_test, y_test)
+        if penalty:
+            # penalty forms compress everything away at μ → 0⁺: compare with direct compression at the last μ
+            dc_alg = LC(copy.deepcopy(model), cfg.task_map(), multipliers=False, direct_mu=mus[-1])
+        else:
+            dc_alg = alg
+        with dc_alg.compressed() as m:
+            dc_error = evaluate(m, x_test, y_test)
+        dc_sizes = dc_alg.size_report()
+        del dc_alg
+        logger.info("reference test error %.2f%%, direct compression %.2f%% (ratio %.2f)", ref_error, dc_error,
+                    dc_sizes["ratio"])
+        torch.manual_seed(cfg.seed + 2)
+        if device.type == "cuda":
+            torch.cuda.manual_seed(cfg.seed + 2)
+        results: dict[str, Any] = {
+            "name": cfg.name,
+            "config": cfg_dict,
+            "reference": {"test_error": ref_error, "checkpoint": cfg.reference.checkpoint, "meta": ref_meta},
+            "direct_compression": {"test_error": dc_error, "mu": mus[-1] if penalty else None, **_sizes(dc_sizes)},
+            "schedule": mus,
+            "steps": [],
+            "world_size": world,
+        }
+        start = 0
+    else:
+        try:
+            model.load_state_dict(ck["model"])
+            opt.load_state_dict(ck["optimizer"])
+            alg.load_state_dict(ck["lc"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            changed = f" (changed: {'; '.join(diff)})" if diff else ""
+            raise ConfigError(f"{ckpt_path}: cannot resume it with this config{changed}: {_one_line(e)}") from None
         gen.set_state(ck["rng"]["batches"])
         torch.set_rng_state(ck["rng"]["torch"])
+        if device.type == "cuda" and ck["rng"].get("cuda") is not None:
+            torch.cuda.set_rng_state(ck["rng"]["cuda"], device)
         results = json.loads(ck["results"])
-        mus = results["schedule"]
         start = int(ck["step"])
+        if diff:
+            logger.warning("resuming %s with a changed config: %s", out, "; ".join(diff))
+            results["config"] = cfg_dict
+            results.setdefault("resumed_with_changes", []).append(diff)
+            results["schedule"] = mus
         logger.info("resumed %s after LC step %d of %d", out, start, len(mus))
 
+    if writer:
+        out.mkdir(parents=True, exist_ok=True)
+        if ck is None or diff:
+            atomic_write_text(json.dumps(cfg_dict, indent=2), out / "config.json")
+        if on_ready is not None:
+            on_ready()
     per_rank_batch = max(1, cfg.data.batch_size // world)
     n_batches = math.ceil((len(x_train) // world) / per_rank_batch)
     bar = None
@@ -418,7 +505,7 @@ def run_compress(
                 f"{rec['test_error']:.2f}%" if "test_error" in rec else "-", rec["ratio"],
             )
             if writer:
-                atomic_write_text(json.dumps(results, indent=2), _results_path(out))
+                # the checkpoint first: results.json never shows a step that a resume would run again
                 atomic_save(
                     {
                         "format": RUN_FORMAT,
@@ -427,11 +514,16 @@ def run_compress(
                         "model": model.state_dict(),
                         "optimizer": opt.state_dict(),
                         "lc": alg.state_dict(),
-                        "rng": {"batches": gen.get_state(), "torch": torch.get_rng_state()},
+                        "rng": {
+                            "batches": gen.get_state(),
+                            "torch": torch.get_rng_state(),
+                            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+                        },
                         "results": json.dumps(results),
                     },
                     ckpt_path,
                 )
+                atomic_write_text(json.dumps(results, indent=2), _results_path(out))
     finally:
         if bar is not None:
             bar.close()

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from .algorithm import LC
-from .config import ConfigError, RunConfig, load_config
+from .config import ConfigError, RunConfig, config_diff, load_config
 from .data import Dataset, batches
 from .demo import plot_tradeoff, write_csv
 from .training import evaluate
@@ -81,6 +81,7 @@ def run_sweep(
     data_dir: str | None = None,
     progress: bool = True,
     should_stop: Callable[[], bool] | None = None,
+    on_ready: Callable[[], None] | None = None,
 ) -> list[dict[str, Any]]:
     """For each value of the dotted config key ``vary``: an LC run, its direct compression and the requested
     baselines. Writes ``sweep.csv`` and ``sweep.png`` (test error vs compression ratio, log x) under ``out_dir``.
@@ -91,9 +92,14 @@ def run_sweep(
         values: the settings to try.
         baselines: among ``"dc"`` (always recorded) and ``"retrain"`` (magnitude pruning + retraining; pruning
             tasks only). Default: dc, plus retrain when every task is ConstraintL0Pruning.
+        on_ready: called once the settings were validated and ``out_dir`` exists (the CLI opens its log there).
 
     Returns:
         rows: value, method (LC, DC, retrain), test error, ratio.
+
+    Raises:
+        ConfigError: a bad key, value or baseline (nothing is written then), or a run directory of ``out_dir``
+            that holds a run of a different config (an earlier sweep's; its finished runs are reused otherwise).
     """
     from .compressions import ConstraintL0Pruning
     from .experiment import load_data, run_compress
@@ -101,7 +107,6 @@ def run_sweep(
     if not values:
         raise ConfigError("--values: at least one value is needed")
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     cfgs = []
     for v in values:
         cfg = load_config(config, {**(overrides or {}), vary: v})
@@ -114,7 +119,17 @@ def run_sweep(
         raise ConfigError(f"--baselines: unknown {sorted(unknown)} (known: dc, retrain)")
     if "retrain" in wanted and not pruning:
         raise ConfigError("--baselines retrain: needs every task to be ConstraintL0Pruning")
+    for v, cfg in zip(values, cfgs):
+        saved = out / _slug(v) / "config.json"
+        if saved.is_file():
+            diff = config_diff(json.loads(saved.read_text()), cfg.to_dict())
+            if diff:
+                raise ConfigError(f"{str(saved.parent)!r} holds a run of another config ({'; '.join(diff)}); "
+                                  "use another --out")
     data = load_data(cfgs[0], data_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if on_ready is not None:
+        on_ready()
     rows: list[dict[str, Any]] = []
     ref_error = None
     for v, cfg in zip(values, cfgs):

@@ -1,0 +1,313 @@
+"""The ``lcompress`` command line end to end on a tiny synthetic problem (a few seconds per test).
+
+Commands run in-process through ``main(argv)`` (exit codes, stdout and stderr through capsys); one test runs the
+installed ``lcompress`` entry point in a subprocess.
+"""
+import contextlib
+import csv
+import hashlib
+import io
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+import synthetic as S
+from lcompress.cli import main
+from lcompress.export import read as read_lcz
+from lcompress.models import get_model
+from lcompress.training import load_checkpoint
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _isolated():
+    """One torch thread, and the "lcompress" logger put back as it was after the CLI configured it."""
+    with S.one_thread(), S.cli_logging_restored():
+        yield
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory):
+    """The synthetic data module (importable for the whole module) and a trained reference checkpoint."""
+    root = tmp_path_factory.mktemp("synth")
+    S.write_module(root)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.syspath_prepend(str(root))
+        ref = root / "reference.pt"
+        S.train_reference(ref)
+        yield root, ref
+
+
+@pytest.fixture
+def workdir(synth, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # nothing may land in the repository's runs/
+    return tmp_path
+
+
+def cfg_file(path: Path, ref, **sections) -> str:
+    return str(S.write_config(path, S.base_config(ref, **sections)))
+
+
+def run_main(argv):
+    """main(argv) with its output captured: (exit code, stdout, stderr)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = main(argv)
+    return rc, out.getvalue(), err.getvalue()
+
+
+def snapshot(directory: Path) -> dict[str, str]:
+    """File name -> sha256 of every file under ``directory`` (empty if it does not exist)."""
+    if not directory.exists():
+        return {}
+    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def finished_run(synth, tmp_path_factory):
+    """One ``lcompress compress`` run shared by the tests that look at its outputs."""
+    _, ref = synth
+    root = tmp_path_factory.mktemp("run")
+    cfg = cfg_file(root / "cfg.toml", ref)
+    rc, out, err = run_main(["compress", cfg, "--out", str(root / "run"), "-q"])
+    return root / "run", cfg, rc, out, err
+
+
+# ---- train ------------------------------------------------------------------------------------------------------
+def test_train_writes_a_checkpoint_and_prints_the_test_error(workdir, capsys):
+    out = workdir / "ref" / "mlp.pt"
+    argv = ["train", "--model", "mlp", "--model-arg", f"sizes={S.SIZES}", "--dataset", f"{S.MODULE_NAME}:load",
+            "--epochs", "3", "--lr", "0.05", "--batch-size", "64", "--out", str(out), "-q"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    m = re.search(r"test error (\d+\.\d+)% after 3 epochs", printed)
+    assert m, printed
+    model = get_model("mlp", sizes=S.SIZES)
+    meta = load_checkpoint(out, model)
+    assert meta["test_error"] == pytest.approx(float(m.group(1)), abs=0.006)
+    assert meta["test_error"] < 50  # learned something: chance is 75%
+    # the checkpoint is a usable reference
+    assert meta["args"] == {"sizes": S.SIZES} and meta["dataset"] == f"{S.MODULE_NAME}:load"
+
+    before = out.read_bytes()
+    assert main(argv) == 2  # exists, no --overwrite
+    err = capsys.readouterr().err
+    assert err.startswith("lcompress: error: --out") and "--overwrite" in err and str(out) in err
+    assert out.read_bytes() == before
+
+
+def test_train_bad_model_argument_is_exit_2(workdir, capsys):
+    rc = main(["train", "--model", "mlp", "--model-arg", "width=3", "--dataset", f"{S.MODULE_NAME}:load",
+               "--epochs", "1", "--out", str(workdir / "x.pt"), "-q"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "model.args" in err and "width" in err
+    assert not (workdir / "x.pt").exists()
+
+
+# ---- compress, export, inspect -----------------------------------------------------------------------------------
+def test_compress_writes_results_state_and_compact_file(finished_run):
+    run, _, rc, out, err = finished_run
+    assert rc == 0, err
+    assert "LC" in out and "direct compression" in out and f"run directory: {run}" in out
+    res = json.loads((run / "results.json").read_text())
+    steps = res["steps"]
+    assert [s["step"] for s in steps] == [1, 2, 3, 4]
+    assert [s["mu"] for s in steps] == pytest.approx([1e-3 * 3.0**k for k in range(4)])
+    for s in steps:
+        for key in ("mu", "loss", "test_error", "feasibility", "compressed_bits", "ratio"):
+            assert isinstance(s[key], (int, float)) and s[key] == s[key], (key, s)
+        assert 0 <= s["test_error"] <= 100 and s["feasibility"] >= 0
+    # 3 weight matrices at 1 bit per weight plus 2 float codebook entries each, against 32 bits per weight
+    n = 16 * 32 + 32 * 32 + 32 * 4
+    assert steps[-1]["compressed_bits"] == n + 3 * 2 * 32 + (32 + 32 + 4) * 32
+    assert steps[-1]["ratio"] == pytest.approx(steps[-1]["reference_bits"] / steps[-1]["compressed_bits"])
+    assert res["final"]["test_error"] == steps[-1]["test_error"]
+    assert res["direct_compression"]["test_error"] >= 0 and res["reference"]["test_error"] < 50
+    for f in ("config.json", "checkpoint.pt", "lc_state.pt", "model.lcz", "log.txt"):
+        assert (run / f).is_file(), f
+    assert not list(run.glob("*.tmp"))
+    state = torch.load(run / "lc_state.pt", weights_only=True)
+    assert state["step"] == 4 and state["mu"] == pytest.approx(steps[-1]["mu"])
+    assert "LC step 4/4" in (run / "log.txt").read_text()
+
+
+def test_export_rewrites_the_runs_compressed_model(finished_run, tmp_path, capsys):
+    run = finished_run[0]
+    target = tmp_path / "again.lcz"
+    assert main(["export", str(run), "--out", str(target), "-q"]) == 0
+    assert f"wrote {target}" in capsys.readouterr().out
+    again, original = read_lcz(target)["state"], read_lcz(run / "model.lcz")["state"]
+    assert again.keys() == original.keys()
+    for k in original:
+        assert torch.equal(again[k], original[k]), k
+    # uncompressed weights come from the run's last L step, compressed ones hold 2 values each
+    model = torch.load(run / "checkpoint.pt", weights_only=True)["model"]
+    for k in ("fc1.bias", "fc2.bias", "fc3.bias"):
+        assert torch.equal(again[k], model[k]), k
+    for k in ("fc1.weight", "fc2.weight", "fc3.weight"):
+        assert again[k].unique().numel() <= 2, k
+
+
+def test_export_of_an_unfinished_directory_is_exit_2(tmp_path, capsys):
+    assert main(["export", str(tmp_path), "-q"]) == 2
+    assert "config.json is missing" in capsys.readouterr().err
+
+
+def test_inspect_prints_one_row_per_task(finished_run, capsys):
+    run = finished_run[0]
+    assert main(["inspect", str(run / "model.lcz"), "-q"]) == 0
+    out = capsys.readouterr().out
+    for name in ("fc1.weight", "fc2.weight", "fc3.weight"):
+        assert re.search(rf"^{re.escape(name)}\s+AdaptiveQuantization", out, re.M), out
+    assert main(["inspect", str(run / "nothing.lcz"), "-q"]) == 2
+    assert "nothing.lcz" in capsys.readouterr().err
+
+
+# ---- sweeps -----------------------------------------------------------------------------------------------------
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_sweep_over_codebook_size_writes_csv_and_plot(synth, workdir, capsys):
+    _, ref = synth
+    cfg = cfg_file(workdir / "cfg.toml", ref, schedule={"steps": 3})
+    out = workdir / "sweep"
+    assert main(["sweep", cfg, "--vary", "tasks.0.compression.k", "--values", "2", "4", "--out", str(out), "-q"]) == 0
+    rows = read_csv(out / "sweep.csv")
+    assert [(r["value"], r["method"]) for r in rows] == [("2", "LC"), ("2", "DC"), ("4", "LC"), ("4", "DC")]
+    ratio = {(r["value"], r["method"]): float(r["ratio"]) for r in rows}
+    assert ratio[("2", "LC")] > ratio[("4", "LC")] > 1  # 1 bit per weight compresses more than 2
+    assert ratio[("2", "LC")] == ratio[("2", "DC")]
+    assert all(0 <= float(r["test_error"]) <= 100 for r in rows)
+    assert (out / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for v in ("2", "4"):
+        res = json.loads((out / v / "results.json").read_text())
+        assert res["config"]["tasks"][0]["compression"]["k"] == int(v)
+    assert "tasks.0.compression.k" in capsys.readouterr().out
+    # run again: the finished runs are reused as they are; with another config the old runs are not mixed in
+    runs = {v: snapshot(out / v) for v in ("2", "4")}
+    assert main(["sweep", cfg, "--vary", "tasks.0.compression.k", "--values", "2", "4", "--out", str(out), "-q"]) == 0
+    assert read_csv(out / "sweep.csv") == rows
+    assert {v: snapshot(out / v) for v in ("2", "4")} == runs
+    assert main(["sweep", cfg, "--vary", "tasks.0.compression.k", "--values", "2", "4", "--out", str(out),
+                 "--set", "optimizer.lr=0.01", "-q"]) == 2
+    err = capsys.readouterr().err
+    assert "optimizer.lr: 0.05 -> 0.01" in err and "another --out" in err
+
+
+def test_pruning_sweep_adds_the_retrain_baseline(synth, workdir):
+    _, ref = synth
+    cfg = cfg_file(workdir / "cfg.toml", ref, schedule={"steps": 2},
+                   tasks=[{"params": r"re:fc\d\.weight", "compression": {"type": "ConstraintL0Pruning", "fraction": 0.1}}])
+    out = workdir / "sweep"
+    rc, _, err = run_main(["sweep", cfg, "--vary", "tasks.0.compression.fraction", "--values", "0.05", "0.2",
+                           "--out", str(out), "-q"])
+    assert rc == 0, err
+    rows = read_csv(out / "sweep.csv")
+    assert [(r["value"], r["method"]) for r in rows] == [
+        ("0.05", "LC"), ("0.05", "DC"), ("0.05", "retrain"), ("0.2", "LC"), ("0.2", "DC"), ("0.2", "retrain")]
+    ratio = {(r["value"], r["method"]): float(r["ratio"]) for r in rows}
+    assert ratio[("0.05", "retrain")] > ratio[("0.2", "retrain")] > 1
+    assert (out / "sweep.png").is_file()
+
+
+def test_sweep_with_a_bad_key_is_exit_2(synth, workdir, capsys):
+    _, ref = synth
+    cfg = cfg_file(workdir / "cfg.toml", ref)
+    assert main(["sweep", cfg, "--vary", "tasks.0.compression.q", "--values", "2", "--out", "s", "-q"]) == 2
+    err = capsys.readouterr().err
+    assert "tasks.0.compression" in err and "'q'" in err and err.count("\n") == 1
+    assert main(["sweep", cfg, "--vary", "tasks.0.compression.k", "--values", "2", "--baselines", "retrain",
+                 "--out", "s", "-q"]) == 2
+    assert "--baselines retrain" in capsys.readouterr().err
+    assert main(["sweep", cfg, "--vary", "tasks.0.compression.k", "--values", "2", "0", "--out", "s", "-q"]) == 2
+    assert "k=0" in capsys.readouterr().err
+    assert not (workdir / "s").exists()
+
+
+# ---- bad input: exit 2, one line naming field and value, nothing written -------------------------------------
+def test_a_directory_holding_a_run_is_not_overwritten(finished_run, tmp_path, capsys):
+    run, cfg = finished_run[:2]
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    before = snapshot(copy)
+    assert main(["compress", cfg, "--out", str(copy), "-q"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("lcompress: error: ")
+    assert "already holds a run" in err and str(copy) in err and "--resume" in err
+    assert snapshot(copy) == before
+
+
+@pytest.mark.parametrize("case", ["reference", "data", "schedule", "params", "set", "model_args"])
+def test_bad_input_is_exit_2_with_one_line_naming_field_and_value(case, synth, workdir, capsys, monkeypatch):
+    _, ref = synth
+    out = workdir / "run"
+    extra = []
+    if case == "reference":
+        missing = str(workdir / "no_reference.pt")
+        cfg = cfg_file(workdir / "c.toml", missing)
+        expect = ["reference.checkpoint", missing]
+    elif case == "data":
+        monkeypatch.delenv("LCOMPRESS_DATA", raising=False)
+        empty = workdir / "empty"
+        empty.mkdir()
+        cfg = cfg_file(workdir / "c.toml", ref, data={"dataset": "mnist", "dir": str(empty)})
+        expect = ["data.dir", str(empty), "mnist"]
+    elif case == "schedule":
+        cfg = cfg_file(workdir / "c.toml", ref, schedule={"mu": [0.1, 0.05, 0.2], "mu0": None, "factor": None})
+        expect = ["schedule.mu.1", "0.05"]
+    elif case == "params":
+        cfg = cfg_file(workdir / "c.toml", ref, tasks=[
+            {"params": "fc1.weight", "compression": {"type": "AdaptiveQuantization", "k": 2}},
+            {"params": "fc9.weight", "compression": {"type": "AdaptiveQuantization", "k": 2}}])
+        expect = ["tasks.1.params", "fc9.weight"]
+    elif case == "set":
+        cfg = cfg_file(workdir / "c.toml", ref)
+        extra = ["--set", "tasks.0.compression.k=0"]
+        expect = ["tasks.0.compression", "k=0"]
+    else:
+        cfg = cfg_file(workdir / "c.toml", ref, model={"args": {"sizes": S.SIZES, "depth": 3}})
+        expect = ["model.args", "depth"]
+    assert main(["compress", cfg, "--out", str(out), "-q", *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lcompress: error: ") and err.count("\n") == 1, err
+    for e in expect:
+        assert e in err, (e, err)
+    assert not out.exists()  # nothing written, not even a log
+
+
+def test_resume_of_a_directory_without_a_run_is_exit_2(workdir, capsys):
+    assert main(["compress", "--resume", str(workdir / "nope"), "-q"]) == 2
+    err = capsys.readouterr().err
+    assert "not a run directory" in err and "nope" in err
+    assert main(["compress", "-q"]) == 2
+    assert "a config file is needed" in capsys.readouterr().err
+
+
+def test_demo_help(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["demo", "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "--schemes" in out and "--reference" in out and "--steps" in out
+
+
+# ---- the installed entry point ----------------------------------------------------------------------------------
+def test_entry_point_in_a_subprocess(synth, workdir):
+    root, ref = synth
+    cfg = cfg_file(workdir / "c.toml", ref, schedule={"steps": 2})
+    p = subprocess.run([S.lcompress_exe(), "compress", cfg, "--out", "run", "-q"], cwd=workdir,
+                       env=S.subprocess_env(root), capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert "run directory: run" in p.stdout
+    res = json.loads((workdir / "run" / "results.json").read_text())
+    assert len(res["steps"]) == 2 and (workdir / "run" / "model.lcz").is_file()
+    bad = subprocess.run([S.lcompress_exe(), "compress", cfg, "--out", "run", "-q"], cwd=workdir,
+                         env=S.subprocess_env(root), capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and bad.stderr.startswith("lcompress: error: run directory 'run' already holds a run")
