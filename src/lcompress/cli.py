@@ -6,11 +6,13 @@ is kept and ``--resume`` continues).
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import os
 import signal
 import sys
+import traceback
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -24,24 +26,26 @@ logger = logging.getLogger("lcompress.cli")
 class _Stop:
     """Ctrl-C sets a flag that the run polls between minibatches; a second Ctrl-C aborts at once."""
 
-    def __init__(self) -> None:
+    def __init__(self, announce: bool = True) -> None:
         self.requested = False
+        self.announce = announce  # under torchrun only rank 0 says so; every rank sets its flag
 
     def __call__(self) -> bool:
         return self.requested
 
     @contextmanager
     def installed(self):
-        if os.environ.get("LOCAL_RANK") is not None and os.environ.get("RANK", "0") != "0":
-            yield self
-            return
+        # Installed on every rank: torchrun passes the launcher's SIGINT on to each worker, and a rank without
+        # the handler would die of KeyboardInterrupt in the middle of a collective, taking the others with it.
+        # The ranks agree on the stop (experiment._stop_requested), so all of them stop at the same minibatch.
         old = signal.getsignal(signal.SIGINT)
 
         def handler(signum, frame):
             if self.requested:
                 raise KeyboardInterrupt
             self.requested = True
-            print("\nlcompress: stopping after the current minibatch (Ctrl-C again to abort)", file=sys.stderr)
+            if self.announce:
+                print("\nlcompress: stopping after the current minibatch (Ctrl-C again to abort)", file=sys.stderr)
 
         signal.signal(signal.SIGINT, handler)
         try:
@@ -96,11 +100,13 @@ class _DeferredFileHandler(logging.Handler):
 
 
 def _setup_logging(
-    verbose: int, quiet: bool, log_file: Path | None = None, defer: bool = False
+    verbose: int, quiet: bool, log_file: Path | None = None, defer: bool = False, console_level: int | None = None
 ) -> _DeferredFileHandler | None:
     """Console logging (through tqdm) and, with ``log_file``, a DEBUG log there: opened at once, or with ``defer``
-    only when the returned handler's ``start()`` is called."""
+    only when the returned handler's ``start()`` is called. ``console_level`` overrides ``verbose``/``quiet``."""
     level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
+    if console_level is not None:
+        level = console_level
     root = logging.getLogger("lcompress")
     root.setLevel(logging.DEBUG)
     for h in list(root.handlers):
@@ -121,19 +127,40 @@ def _setup_logging(
     return fh
 
 
-def _init_distributed() -> tuple[int, int]:
-    """Under torchrun (RANK/WORLD_SIZE set), join the process group: nccl on CUDA, gloo otherwise."""
+@contextmanager
+def _distributed():
+    """Under torchrun (RANK/WORLD_SIZE set), join the process group (nccl on CUDA, gloo otherwise) and yield
+    ``(rank, world_size)``; ``(0, 1)`` otherwise.
+
+    A group this joined is destroyed on the way out, after everything that holds it (the DDP model) is gone: a
+    process whose gloo group is torn down only by the interpreter's exit can die of SIGABRT ("terminate called
+    without an active exception") after finishing its work, and torchrun then reports the run as failed."""
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-        return 0, 1
+        yield 0, 1
+        return
     import torch
     import torch.distributed as dist
 
-    if not dist.is_initialized():
+    created = not dist.is_initialized()
+    if created:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend)
-        if backend == "nccl":
+        if backend == "nccl":  # before the group is made, so that it binds this rank's GPU
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    return dist.get_rank(), dist.get_world_size()
+        dist.init_process_group(backend)
+    try:
+        yield dist.get_rank(), dist.get_world_size()
+    except BaseException as e:
+        if created:  # the failed run's frames (kept by the traceback) hold the DDP model; the traceback stays printable
+            seen: set[int] = set()
+            while e is not None and id(e) not in seen:
+                seen.add(id(e))
+                traceback.clear_frames(e.__traceback__)
+                e = e.__cause__ or e.__context__
+        raise
+    finally:
+        if created and dist.is_initialized():
+            gc.collect()  # DDP sits in reference cycles: collect it while the group still exists
+            dist.destroy_process_group()
 
 
 def _parse_set(items: list[str] | None) -> dict[str, Any]:
@@ -192,10 +219,14 @@ def _final_table(res: dict[str, Any]) -> str:
 
 
 def cmd_compress(args) -> int:
+    with _distributed() as (rank, world):
+        return _compress(args, rank, world)
+
+
+def _compress(args, rank: int, world: int) -> int:
     from .config import ConfigError, load_config
     from .experiment import RunInterrupted, run_compress
 
-    rank, world = _init_distributed()
     overrides = _parse_set(args.set)
     if args.resume:
         run_dir = Path(args.resume)
@@ -207,16 +238,19 @@ def cmd_compress(args) -> int:
             raise ConfigError("compress: a config file is needed (or --resume RUN_DIR)")
         cfg = load_config(args.config, overrides)
         run_dir = Path(args.out) if args.out else Path("runs") / cfg.name
-    log = _setup_logging(args.verbose, args.quiet or rank != 0, run_dir / "log.txt" if rank == 0 else None,
-                         defer=True)
-    stop = _Stop()
+    if rank == 0:
+        log = _setup_logging(args.verbose, args.quiet, run_dir / "log.txt", defer=True)
+    else:  # the other ranks run the same steps: rank 0 speaks for all, they log errors only and keep no log file
+        log = _setup_logging(args.verbose, args.quiet, console_level=logging.ERROR)
+    stop = _Stop(announce=rank == 0)
     try:
         with stop.installed():
             res = run_compress(cfg, run_dir, resume=bool(args.resume), force=args.force, data_dir=args.data_dir,
                                progress=not args.quiet and rank == 0, should_stop=stop,
                                on_ready=log.start if log is not None else None)
     except RunInterrupted as e:
-        print(f"lcompress: interrupted: {e}", file=sys.stderr)
+        if rank == 0:
+            print(f"lcompress: interrupted: {e}", file=sys.stderr)
         return EXIT_INTERRUPTED
     if rank == 0:
         print(_final_table(res))

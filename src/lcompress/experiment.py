@@ -11,7 +11,9 @@ schedule and SGD L steps, evaluates Δ(Θ) on the test set, and keeps a run dire
 * ``lc_state.pt`` — the final LC state; ``model.lcz`` — the compact compressed model (when export is available).
 
 Distributed: under ``torchrun`` every rank calls :func:`run_compress`; each reads its shard of every batch, the
-model is wrapped in DistributedDataParallel, and only rank 0 writes files and shows progress.
+model is wrapped in DistributedDataParallel, and only rank 0 writes files and shows progress. The losses recorded
+are over the global batch (all-reduced), a stop request on any rank stops all of them at the same minibatch (at
+the latest at the end of the L step), and a resumed run checks that every rank read the same checkpoint.
 """
 from __future__ import annotations
 
@@ -234,13 +236,16 @@ def _mu_schedule(cfg: RunConfig, alg: LC, model: nn.Module, data: Dataset) -> li
     return mus
 
 
-def _stop_requested(should_stop: Callable[[], bool] | None, world: int, batch: int, every: int = 10) -> bool:
-    """Poll the stop request; under torch.distributed all ranks agree (MAX all-reduce every ``every`` batches),
-    so a Ctrl-C seen by one process stops every rank at the same batch instead of leaving the others waiting."""
+def _stop_requested(
+    should_stop: Callable[[], bool] | None, world: int, batch: int, every: int = 10, force: bool = False
+) -> bool:
+    """Poll the stop request; under torch.distributed all ranks agree (MAX all-reduce every ``every`` batches, and
+    whenever ``force``: every rank passes the same ``batch`` and ``force``), so a Ctrl-C seen by one process stops
+    every rank at the same batch instead of leaving the others waiting."""
     local = bool(should_stop is not None and should_stop())
     if world == 1:
         return local
-    if batch % every:
+    if batch % every and not force:
         return False
     import torch.distributed as dist
 
@@ -253,6 +258,20 @@ def _flag_device() -> torch.device:
     import torch.distributed as dist
 
     return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def _check_same_start(start: int, out: Path) -> None:
+    """Every rank read the run directory itself: make sure they all resume after the same LC step (a directory
+    that not every rank sees, or sees at a different state, would otherwise make them diverge or hang)."""
+    import torch.distributed as dist
+
+    t = torch.tensor([start, -start], dtype=torch.int64, device=_flag_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    if int(t[0]) != -int(t[1]):
+        raise ConfigError(
+            f"{str(out)!r}: the ranks found different checkpoints there (from LC step {-int(t[1])} to {int(t[0])}); "
+            "the run directory must be the same for every rank (a shared filesystem)"
+        )
 
 
 def _results_path(out: Path) -> Path:
@@ -378,6 +397,8 @@ def run_compress(
     # The μ schedule of a resumed run is the one it started with (an "auto" one is not measured again); only a
     # forced resume with a changed [schedule] takes the new one.
     schedule_changed = any(d.startswith("schedule.") for d in diff)
+    if world > 1:
+        _check_same_start(int(ck["step"]) if ck is not None else 0, out)
     if ck is not None and not schedule_changed:
         mus = [float(v) for v in json.loads(ck["results"])["schedule"]]
     else:
@@ -441,6 +462,9 @@ def run_compress(
         if on_ready is not None:
             on_ready()
     per_rank_batch = max(1, cfg.data.batch_size // world)
+    if per_rank_batch * world != cfg.data.batch_size:
+        logger.warning("data.batch_size=%d is not a multiple of the %d ranks: the global batch is %d",
+                       cfg.data.batch_size, world, per_rank_batch * world)
     n_batches = math.ceil((len(x_train) // world) / per_rank_batch)
     bar = None
     if progress and writer:
@@ -448,6 +472,7 @@ def run_compress(
 
         bar = tqdm(total=len(mus) * cfg.schedule.epochs_per_step * n_batches, initial=start * cfg.schedule.epochs_per_step * n_batches,
                    desc=cfg.name, unit="batch", dynamic_ncols=True)
+    batch_no = 0  # minibatches this process has trained, for the stop poll's cadence
     try:
         for step in range(start, len(mus)):
             mu = mus[step]
@@ -471,10 +496,22 @@ def run_compress(
                     loss_sum += loss.detach()
                     pen_sum += pen.detach()
                     seen += 1
+                    batch_no += 1
                     if bar is not None:
                         bar.update(1)
-                    if _stop_requested(should_stop, world, seen):
+                    if _stop_requested(should_stop, world, batch_no):
                         raise RunInterrupted(f"stopped during LC step {step + 1}; resume with --resume {out}")
+            # ranks agree once more before the C step: an L step shorter than the poll interval would otherwise
+            # never see a stop request
+            if world > 1 and _stop_requested(should_stop, world, batch_no, force=True):
+                raise RunInterrupted(f"stopped during LC step {step + 1}; resume with --resume {out}")
+            if world > 1:
+                # the step's loss over the global batch, as a single process would report it (each rank saw a shard)
+                import torch.distributed as dist
+
+                sums = torch.stack([loss_sum, pen_sum]).to(_flag_device())
+                dist.all_reduce(sums)
+                loss_sum, pen_sum = (sums / world).to(device).unbind()
             mean_loss = float(loss_sum) / max(seen, 1)
             if not math.isfinite(mean_loss):
                 raise FloatingPointError(
