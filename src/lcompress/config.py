@@ -337,6 +337,14 @@ def parse_config(raw: dict[str, Any], source: str | None = None) -> RunConfig:
             raise ConfigError(f"schedule.factor={s.factor!r}: must be a finite number > 1 (μ must increase)")
     else:
         raise ConfigError(f"schedule.mu={_short(s.mu)}: expected \"auto\", \"geometric\" or a list of numbers")
+    if s.mu == "auto":
+        pen = [i for i, t in enumerate(cfg.tasks) if build_compression(t.compression).penalty_form]
+        if pen:
+            raise ConfigError(
+                f"schedule.mu=\"auto\": not available with the penalty form in tasks.{pen[0]} (RankSelection, "
+                "PenaltyL0Pruning, PenaltyL1Pruning): their compression level is set by alpha/mu, so give the "
+                "schedule with it (mu0 and factor, or a list); see the README's 'Choosing μ'"
+            )
     if not 0 < s.penalty_fraction:
         raise ConfigError(f"schedule.penalty_fraction={s.penalty_fraction}: must be > 0")
     if not 0 < s.final_distance < 1:

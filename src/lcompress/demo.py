@@ -62,8 +62,13 @@ SCHEMES: dict[str, tuple[str, list[dict[str, Any]]]] = {
     ),
     "rank_selection": (
         "rank selection, storage criterion",
-        [{"params": FC, "compression": {"type": "RankSelection", "alpha": 1e-6, "criterion": "storage"}}],
+        [{"params": FC, "compression": {"type": "RankSelection", "alpha": 1e-3, "criterion": "storage"}}],
     ),
+}
+
+#: schedules of schemes that cannot use the auto schedule (penalty forms: α/μ sets the compression level)
+SCHEDULES: dict[str, dict[str, Any]] = {
+    "rank_selection": {"mu0": 0.2, "factor": 1.1},
 }
 
 #: everything but the tasks and the run name, shared by the demo schemes
@@ -86,6 +91,9 @@ def scheme_config(name: str, reference: str | None = None, steps: int | None = N
     raw = copy.deepcopy(BASE)
     raw["name"] = f"lenet300_{name}"
     raw["tasks"] = copy.deepcopy(SCHEMES[name][1])
+    if name in SCHEDULES:
+        raw["schedule"].pop("mu")
+        raw["schedule"].update(SCHEDULES[name])
     if reference is not None:
         raw["reference"]["checkpoint"] = reference
     if steps is not None:

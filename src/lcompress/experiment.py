@@ -222,12 +222,13 @@ def _dist_info() -> tuple[int, int]:
     return 0, 1
 
 
-def _mu_schedule(cfg: RunConfig, alg: LC, model: nn.Module, data: Dataset) -> list[float]:
+def _mu_schedule(cfg: RunConfig, alg: LC | None, model: nn.Module, data: Dataset) -> list[float]:
     s = cfg.schedule
     if isinstance(s.mu, list):
         return [float(v) for v in s.mu]
     if s.mu == "geometric":
         return geometric(s.mu0, s.factor, s.steps)
+    assert alg is not None, "an auto schedule is measured on the LC object's direct compression"
     loss, loss_dc, gnorm = measure_loss_and_grad(model, alg, data.x_train.to(cfg.device), data.y_train.to(cfg.device))
     mus = auto_schedule(alg, s.steps, loss_dc - loss, gnorm, penalty_fraction=s.penalty_fraction,
                         final_distance=s.final_distance)
@@ -393,7 +394,10 @@ def run_compress(
     ddp_model: nn.Module = model
     if world > 1:
         ddp_model = nn.parallel.DistributedDataParallel(model)
-    alg = LC(ddp_model, tasks, multipliers=cfg.lc.multipliers)
+    # Penalty forms (explicit schedules only, see config.py) start from their C step at the first μ: at μ → 0⁺
+    # they compress everything away, and an L step pulled towards Δ = 0 would wipe out the weights.
+    first_mu = _mu_schedule(cfg, None, model, data)[0] if penalty else None
+    alg = LC(ddp_model, tasks, multipliers=cfg.lc.multipliers, direct_mu=first_mu)
     # The μ schedule of a resumed run is the one it started with (an "auto" one is not measured again); only a
     # forced resume with a changed [schedule] takes the new one.
     schedule_changed = any(d.startswith("schedule.") for d in diff)
