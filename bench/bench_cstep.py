@@ -89,6 +89,7 @@ class Case:
     repeats: int | None = None  # None: every repeat
     group: str = "cases"
     times: list[float] = field(default_factory=list)
+    cpu: list[float] = field(default_factory=list)
     rep_index: list[int] = field(default_factory=list)
     info: dict[str, Any] = field(default_factory=dict)
 
@@ -278,9 +279,10 @@ def main() -> None:
             limit = args.repeats if c.repeats is None else c.repeats
             if r >= limit:
                 continue
-            dt, _ = timed(c.fn)
+            dt, dc, _ = timed(c.fn)
             if r >= 0:
                 c.times.append(dt)
+                c.cpu.append(dc)
                 c.rep_index.append(r)
         log(f"repeat {r + 1}/{total - args.warmup} done")
 
@@ -295,7 +297,7 @@ def main() -> None:
         "alpha": rs_alpha, "selected_rank": objs["RankSelection"].selected_rank}
 
     result["cases"] = {
-        c.name: {**with_target(summary_ms(c.times), c.target_ms), **infos.get(c.name, {})}
+        c.name: {**with_target(summary_ms(c.times, c.cpu), c.target_ms), **infos.get(c.name, {})}
         for c in cases if c.group in ("cases", "threads")
     }
     result["thread_sensitivity"] = {
@@ -318,13 +320,13 @@ def main() -> None:
         row: dict[str, Any] = {}
         for mode in ("cold", "warm"):
             ours = byname[f"AdaptiveQuantization(k={k}) {mode}"]
-            row[f"ours_{mode}"] = summary_ms(ours.times)
+            row[f"ours_{mode}"] = summary_ms(ours.times, ours.cpu)
             for refname in ("numpy_lloyd", "sklearn_KMeans"):
                 c = byname.get(f"{refname}(k={k}) {mode}")
                 if c is None or not c.times:
                     continue
                 paired = [ours.times[ours.rep_index.index(i)] for i in c.rep_index]
-                row[f"{refname}_{mode}"] = summary_ms(c.times)
+                row[f"{refname}_{mode}"] = summary_ms(c.times, c.cpu)
                 row[f"{refname}_{mode}_over_ours"] = round(paired_ratio(c.times, paired), 2)
                 med_ratio = statistics.median(c.times) / statistics.median(ours.times)
                 row[f"{refname}_{mode}_over_ours_medians"] = round(med_ratio, 2)

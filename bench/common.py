@@ -71,21 +71,30 @@ def header(name: str, threads: int, argv: Sequence[str] | None = None) -> dict[s
     }
 
 
-def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
-    """(seconds, result) of one call."""
+def timed(fn: Callable[[], Any]) -> tuple[float, float, Any]:
+    """(wall seconds, process CPU seconds over all threads, result) of one call.
+
+    On a loaded machine the wall time depends on what else runs; the CPU time is closer to the work done (with
+    OMP_WAIT_POLICY=PASSIVE: with libgomp's default spin-waiting it also counts the threads' spinning).
+    """
+    c0 = time.process_time()
     t0 = time.perf_counter()
     out = fn()
-    return time.perf_counter() - t0, out
+    t1 = time.perf_counter()
+    return t1 - t0, time.process_time() - c0, out
 
 
-def summary_ms(seconds: Sequence[float], digits: int = 3) -> dict[str, Any]:
-    """Median and minimum of a list of seconds, in milliseconds."""
+def summary_ms(seconds: Sequence[float], cpu_seconds: Sequence[float] | None = None, digits: int = 3) -> dict[str, Any]:
+    """Median and minimum of a list of wall seconds (and the median CPU seconds), in milliseconds."""
     ms = [s * 1e3 for s in seconds]
-    return {
+    out = {
         "median_ms": round(statistics.median(ms), digits),
         "min_ms": round(min(ms), digits),
         "n_timed": len(ms),
     }
+    if cpu_seconds:
+        out["median_cpu_ms"] = round(statistics.median(cpu_seconds) * 1e3, digits)
+    return out
 
 
 def paired_ratio(num: Sequence[float], den: Sequence[float]) -> float:
