@@ -1,3 +1,9 @@
+import os
+
+# Worker threads that sleep instead of spinning: the suite starts several processes (distributed tests) on few
+# cores, where spinning OpenMP threads slow every parallel torch op 10-60x. Set before torch loads OpenMP.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import pytest
 import torch
 

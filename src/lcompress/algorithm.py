@@ -43,25 +43,33 @@ def _check_mu(mu: Any, where: str) -> float:
 class _Penalty(torch.autograd.Function):
     """μ/2 Σ_p ‖w_p − t_p‖² in one autograd node, with fused multi-tensor (foreach) kernels.
 
-    One node instead of a chain of per-parameter ops keeps the penalty's cost flat in the number of layers.
-    The difference is recomputed in backward rather than saved, to avoid holding a copy of the weights.
+    One node instead of a chain of per-parameter ops keeps the penalty's cost flat in the number of layers. The
+    caller passes c = −μ t (formed once per μ), so one fused pass g = μ w + c gives the gradient μ(w − t); the
+    value is ‖g‖²/(2μ), and backward hands g to autograd as it is (scaled only if the incoming gradient is not 1).
+    That is three passes over the weights per step (form g, its norm, and autograd's accumulation into .grad)
+    where the textbook version takes five.
     """
 
     @staticmethod
-    def forward(ctx, mu: float, targets: list[Tensor], *params: Tensor) -> Tensor:
-        diffs = torch._foreach_sub(params, targets)
-        norms = torch._foreach_norm(diffs)
+    def forward(ctx, mu: float, neg_mu_targets: list[Tensor], *params: Tensor) -> Tensor:
+        g = torch._foreach_add(neg_mu_targets, params, alpha=mu)
+        norms = torch._foreach_norm(g)
         ctx.mu = mu
-        ctx.targets = targets
-        ctx.save_for_backward(*params)
-        return torch.stack(norms).square().sum() * (0.5 * mu)
+        ctx.c = neg_mu_targets
+        ctx.g = g
+        ctx.save_for_backward(*params)  # so that autograd notices weights changed in place before backward
+        return torch.stack(norms).square().sum() * (0.5 / mu)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         params = ctx.saved_tensors
-        diffs = torch._foreach_sub(params, ctx.targets)
-        torch._foreach_mul_(diffs, grad * ctx.mu)
-        return (None, None, *diffs)
+        g, ctx.g = ctx.g, None
+        if g is None:  # a second backward through a retained graph
+            g = torch._foreach_add(ctx.c, params, alpha=ctx.mu)
+        # skip the multiply for the usual grad = 1 (a host read is free on CPU; on an accelerator just multiply)
+        if grad.device.type != "cpu" or float(grad) != 1.0:
+            g = torch._foreach_mul(g, grad)
+        return (None, None, *g)
 
 
 def _distributed() -> bool:
@@ -185,8 +193,8 @@ class LC:
         self._lambdas: list[Tensor] | None = (
             [torch.zeros_like(p, requires_grad=False) for p in self._params] if multipliers else None
         )
-        self._targets: list[Tensor] | None = None
-        self._targets_mu: float | None = None
+        self._neg_targets: list[Tensor] | None = None
+        self._neg_targets_mu: float | None = None
         self.mu: float | None = None  # μ of the last C step (None: only direct compression so far)
         self.step = 0  # number of C steps taken after direct compression
         if direct_mu is not None:
@@ -204,15 +212,14 @@ class LC:
         Raises:
             ValueError: μ ≤ 0 or not finite.
         """
-        if mu != self._targets_mu:
+        if mu != self._neg_targets_mu:
             mu = _check_mu(mu, "penalty")
-            if self._lambdas is None:
-                targets = self._deltas
-            else:
-                # t = Δ + λ/μ, formed once per μ rather than per batch
-                targets = torch._foreach_add(self._deltas, self._lambdas, alpha=1.0 / mu)
-            self._targets, self._targets_mu = targets, mu
-        return _Penalty.apply(mu, self._targets, *self._params)
+            # −μ t = −μΔ − λ, formed once per μ rather than per batch
+            neg = torch._foreach_mul(self._deltas, -mu)
+            if self._lambdas is not None:
+                torch._foreach_sub_(neg, self._lambdas)
+            self._neg_targets, self._neg_targets_mu = neg, mu
+        return _Penalty.apply(mu, self._neg_targets, *self._params)
 
     def c_step(self, mu: float) -> None:
         """The C step at μ: Θ ← Π(w − λ/μ) for every task, then λ ← λ − μ(w − Δ(Θ)).
@@ -251,7 +258,7 @@ class LC:
                     )
                 inputs.append(x)
             for t, x in zip(self.tasks, inputs):
-                out = t.compression.compress(x, mu)
+                out = t.compression.compress(x, mu, check=False)  # inputs were checked above
                 new.extend(d.to(p.dtype).contiguous() for d, p in zip(t.scatter(out), t.params))
         except Exception as e:
             for t, s in zip(self.tasks, saved):
@@ -268,7 +275,7 @@ class LC:
         if update_multipliers:
             # λ ← λ − μ (w − Δ)
             torch._foreach_add_(self._lambdas, torch._foreach_sub(ws, new), alpha=-mu)
-        self._targets = self._targets_mu = None
+        self._neg_targets = self._neg_targets_mu = None
         if mu > 0:
             self.mu = mu
             self.step += 1
@@ -418,7 +425,7 @@ class LC:
             ]
         self.mu = state["mu"]
         self.step = int(state["step"])
-        self._targets = self._targets_mu = None
+        self._neg_targets = self._neg_targets_mu = None
 
     def export(self, path) -> dict[str, Any]:
         """Write the compressed model to a compact ``.lcz`` file (see :mod:`lcompress.export`).

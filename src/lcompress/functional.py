@@ -78,10 +78,11 @@ def group_means(x: Tensor, idx: Tensor, k: int, fallback: Tensor | None = None) 
     Returns:
         (means (k,), counts (k,)) in x's dtype.
     """
-    idx = idx.reshape(-1).long()
+    idx = idx.reshape(-1)
     x = x.reshape(-1)
-    sums = torch.zeros(k, dtype=x.dtype, device=x.device).scatter_add_(0, idx, x)
-    counts = torch.zeros(k, dtype=x.dtype, device=x.device).scatter_add_(0, idx, torch.ones_like(x))
+    # bincount takes the uint8 codes as they are (no int64 copy) and sums in x's dtype
+    sums = torch.bincount(idx, weights=x, minlength=k)[:k].to(x.dtype)
+    counts = torch.bincount(idx, minlength=k)[:k].to(x.dtype)
     means = sums / counts.clamp_min(1)
     if fallback is None:
         fallback = torch.zeros_like(means)
@@ -93,9 +94,9 @@ def _histogram(xf: Tensor, bins: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Counts and sums of ``xf`` over ``bins`` equal-width bins spanning [min, max]."""
     lo, hi = torch.aminmax(xf)
     width = (hi - lo).clamp_min(torch.finfo(xf.dtype).tiny) / bins
-    b = ((xf - lo) / width).long().clamp_(0, bins - 1)
-    cnt = torch.zeros(bins, dtype=xf.dtype, device=xf.device).scatter_add_(0, b, torch.ones_like(xf))
-    sm = torch.zeros(bins, dtype=xf.dtype, device=xf.device).scatter_add_(0, b, xf)
+    b = ((xf - lo) / width).to(torch.int32).clamp_(0, bins - 1)
+    cnt = torch.bincount(b, minlength=bins).to(xf.dtype)
+    sm = torch.bincount(b, weights=xf, minlength=bins).to(xf.dtype)
     return cnt, sm, lo, width
 
 
@@ -127,7 +128,7 @@ def _lloyd_hist(cnt: Tensor, sm: Tensor, lo: Tensor, width: Tensor, c: Tensor, i
     return c.to(cnt.dtype)
 
 
-def _coarse_optimal_codebook(cnt: Tensor, sm: Tensor, lo: Tensor, width: Tensor, k: int, coarse: int = 512) -> Tensor:
+def _coarse_optimal_codebook(cnt: Tensor, sm: Tensor, lo: Tensor, width: Tensor, k: int, coarse: int = 256) -> Tensor:
     """Globally optimal k-means of a coarse histogram (each fine bin a point mass at its mean): a cold start.
 
     Lloyd's algorithm alone can stall in a poor local optimum on multimodal data; starting it from the exact
@@ -192,7 +193,7 @@ def kmeans_1d(
 
     Lloyd's algorithm, made cheap by running its iterations on a fine histogram of the data (2¹⁶ equal-width
     bins by default): building the histogram is two passes over the weights, each Lloyd iteration then costs
-    O(K log B) regardless of n. Lloyd starts from the exact optimum of a coarse (512-bin) histogram, found by
+    O(K log B) regardless of n. Lloyd starts from the exact optimum of a coarse (256-bin) histogram, found by
     dynamic programming, which keeps it out of poor local optima on multimodal data; given ``init`` (a warm start,
     e.g. the previous C step's codebook) it also runs from ``init`` and keeps whichever is better. A final pass
     over the real data assigns every weight to its nearest centroid and sets each centroid to the mean of its

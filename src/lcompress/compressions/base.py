@@ -45,26 +45,29 @@ class Compression:
         self._shape: tuple[int, ...] | None = None
 
     # ---- the C step -------------------------------------------------------------------------------------
-    def compress(self, w: Tensor, mu: float = 0.0) -> Tensor:
+    def compress(self, w: Tensor, mu: float = 0.0, *, check: bool = True) -> Tensor:
         """Θ ← Π(w); return Δ(Θ) with the shape, dtype and device of ``w``.
 
         Args:
             w: the weights to compress (for the LC algorithm, w − λ/μ).
             mu: the current penalty parameter μ; used by penalty forms (``mu = 0`` means μ → 0⁺).
+            check: validate ``w`` (type, NaN/Inf, shape); callers that already did (LC, additive
+                combinations) pass False to skip a pass over the weights.
 
         Raises:
             TypeError: ``w`` is not a floating-point tensor.
             ValueError: ``w`` holds NaN or Inf, or its shape does not suit the compression.
         """
-        if not isinstance(w, Tensor):
-            raise TypeError(f"w must be a torch.Tensor, got {type(w).__name__}")
-        if not w.is_floating_point():
-            raise TypeError(f"w must be a floating-point tensor, got dtype={w.dtype}")
-        if not bool(torch.isfinite(w).all()):
-            raise ValueError("w contains NaN or Inf")
-        if mu < 0 or not math.isfinite(mu):
-            raise ValueError(f"mu={mu} must be a finite number >= 0")
-        self.check_shape(tuple(w.shape))
+        if check:
+            if not isinstance(w, Tensor):
+                raise TypeError(f"w must be a torch.Tensor, got {type(w).__name__}")
+            if not w.is_floating_point():
+                raise TypeError(f"w must be a floating-point tensor, got dtype={w.dtype}")
+            if not bool(torch.isfinite(w).all()):
+                raise ValueError("w contains NaN or Inf")
+            if mu < 0 or not math.isfinite(mu):
+                raise ValueError(f"mu={mu} must be a finite number >= 0")
+            self.check_shape(tuple(w.shape))
         out = self._compress(w.detach().float(), float(mu))
         self._shape = tuple(w.shape)
         return out.to(w.dtype)
