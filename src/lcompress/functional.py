@@ -279,9 +279,9 @@ def scaled_ternary(x: Tensor, bins: int = 4096) -> tuple[Tensor, Tensor]:
         return ax.new_zeros(()), torch.zeros(x.shape, dtype=torch.int8, device=x.device)
     # bin b holds |x| in [b·w, (b+1)·w); the top bin is closed so max lands in it
     width = m / bins
-    b = (ax / width).long().clamp_(max=bins - 1)
-    cnt = torch.zeros(bins, dtype=ax.dtype, device=ax.device).scatter_add_(0, b, torch.ones_like(ax))
-    sm = torch.zeros(bins, dtype=ax.dtype, device=ax.device).scatter_add_(0, b, ax)
+    b = (ax / width).to(torch.int32).clamp_(max=bins - 1)
+    cnt = torch.bincount(b, minlength=bins).to(ax.dtype)
+    sm = torch.bincount(b, weights=ax, minlength=bins).to(ax.dtype)
     # cumulative from the top: C[j] = number of elements in bins ≥ j, T[j] their sum (j = 0..bins)
     zero = ax.new_zeros(1)
     C = torch.cat([cnt.flip(0).cumsum(0).flip(0), zero])
@@ -305,8 +305,11 @@ def scaled_ternary(x: Tensor, bins: int = 4096) -> tuple[Tensor, Tensor]:
     j_edge = int(torch.argmax(edge_val))
     best_t, best_val = int(C[j_edge]), float(best_edge)
     keep = None
-    if bool(cand.any()):
-        sel = cand[b]
+    cand_bins = torch.nonzero(cand).reshape(-1)
+    if cand_bins.numel():
+        lo_b, hi_b = int(cand_bins[0]), int(cand_bins[-1])
+        # candidate bins are usually one short run: two compares beat a gather through the bin mask
+        sel = (b >= lo_b) & (b <= hi_b) if hi_b - lo_b + 1 == cand_bins.numel() else cand[b]
         vals = ax[sel]
         vb = b[sel]
         # sort candidates descending by value; bins are ordered by value, so this also groups them by bin
@@ -325,7 +328,7 @@ def scaled_ternary(x: Tensor, bins: int = 4096) -> tuple[Tensor, Tensor]:
         j = int(torch.argmax(val))
         if float(val[j]) > best_val:
             best_t = int(t[j])
-            bj, thr = vb[j], vals[j]
+            bj, thr = int(vb[j]), vals[j]
             keep = (b > bj) | ((b == bj) & (ax >= thr))
     if best_t == 0:
         return ax.new_zeros(()), torch.zeros(x.shape, dtype=torch.int8, device=x.device)
@@ -336,8 +339,9 @@ def scaled_ternary(x: Tensor, bins: int = 4096) -> tuple[Tensor, Tensor]:
         _, top = torch.topk(ax, best_t, sorted=False)
         keep = torch.zeros(n, dtype=torch.bool, device=ax.device)
         keep[top] = True
-    a = ax[keep].mean()
-    signs = torch.where(keep, torch.where(x.reshape(-1) >= 0, 1, -1), 0).to(torch.int8)
+    a = torch.where(keep, ax, 0).sum() / best_t
+    # a kept weight is never 0 (a zero never raises S(t)²/t), so sign() gives ±1 on the support
+    signs = (torch.sign(x.reshape(-1)) * keep).to(torch.int8)
     return a, signs.reshape(x.shape)
 
 
