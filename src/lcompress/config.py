@@ -81,7 +81,7 @@ class ScheduleConfig:
     steps: int = 30
     epochs_per_step: int = 1
     penalty_fraction: float = 0.1  # auto: μ₀ makes the first penalty this fraction of the loss
-    final_distance: float = 0.01  # auto: target ‖w − Δ‖ / ‖w − Δ_DC‖ at the end
+    final_distance: float = 0.005  # auto: target ‖w − Δ‖ / ‖w − Δ_DC‖ at the end
 
 
 @dataclass

@@ -32,7 +32,7 @@ def auto_schedule(
     loss_increase: float,
     grad_norm: float,
     penalty_fraction: float = 0.1,
-    final_distance: float = 0.01,
+    final_distance: float = 0.005,
     min_ratio: float = 100.0,
 ) -> list[float]:
     """A geometric μ schedule fitted to the model and the step budget.
