@@ -242,3 +242,15 @@ def test_rank_select_brute_force():
         objs = [alpha * c * q + 0.5 * mu * float((s[q:].double() ** 2).sum()) for q in range(13)]
         assert objs[r] == pytest.approx(min(objs), rel=1e-6, abs=1e-9)
     assert F.rank_select(s, 1.0, 0.0, 10) == 0
+
+
+@pytest.mark.parametrize("kind", ["gauss", "laplace", "student", "bimodal"])
+@pytest.mark.parametrize("k", [8, 16, 255])
+def test_nearest_by_bins_equals_direct_comparison(kind, k):
+    x = weightlike(200000, kind)
+    cnt, sm, lo, width, b = F._histogram(x, 1 << 12)
+    c = torch.sort(x[torch.randperm(x.numel())[:k]]).values
+    c[k // 2] = c[k // 2 - 1]  # a duplicated entry: a zero-width cell
+    got = F._nearest_by_bins(x, b, c, lo, width, 1 << 12)
+    want = F.nearest_in_codebook(x, c)
+    assert torch.equal(got, want)
