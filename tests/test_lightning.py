@@ -368,6 +368,10 @@ if __name__ == "__main__":
                 "weights": {k: v.detach().clone() for k, v in model.named_parameters()},
                 "patched": "training_step" in vars(model)},
                os.path.join(sys.argv[1], f"rank{trainer.global_rank}.pt"))
+    # Lightning leaves the gloo process group alive; tearing it down at interpreter exit instead intermittently
+    # aborts the process ("terminate called without an active exception")
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 '''
 
 
