@@ -172,7 +172,11 @@ def format_table(rows: list[dict[str, Any]], columns: list[tuple[str, str, str]]
     for r in rows:
         cells.append([("-" if r.get(k) is None else format(r[k], f)) for k, _, f in columns])
     widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
-    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))) for row in cells]
+    left = [f in ("s", "") for _, _, f in columns]  # text left, numbers right
+    lines = [
+        "  ".join(c.ljust(w) if left[i] else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))).rstrip()
+        for row in cells
+    ]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
 
