@@ -422,7 +422,7 @@ def test_failed_compression_restores_earlier_tasks(monkeypatch):
 
 
 # ---- the convenience driver and helpers -----------------------------------------------------------------------------
-def test_run_driver():
+def test_run_driver(caplog):
     x, y = teacher_data(400)
     model = MLP()
     alg = lc.LC(model, {"re:fc\\d\\.weight": lc.ScaledBinaryQuantization()})
@@ -437,7 +437,11 @@ def test_run_driver():
             loss.backward()
             opt.step()
 
-    hist = alg.run(l_step, lc.geometric(1e-2, 3.0, 4), evaluate=lambda m: full_loss(m, x, y), progress=False)
+    with caplog.at_level(logging.INFO, logger="lcompress"):
+        hist = alg.run(l_step, lc.geometric(1e-2, 3.0, 4), evaluate=lambda m: full_loss(m, x, y), progress=False)
+    logged = [r.getMessage() for r in caplog.records]
+    assert sum("mu=" in m and "||w - Delta||=" in m for m in logged) == 4
+    assert sum(m.strip().startswith("task fc1.weight:") for m in logged) == 4  # per-task sizes every step
     assert calls == [0, 1, 2, 3] and len(hist) == 4
     assert hist[-1]["mu"] == pytest.approx(0.09 * 3)
     assert all(h["evaluation"] is not None and h["ratio"] > 1 for h in hist)

@@ -488,7 +488,7 @@ class LC:
                 "" if ev is None else f" evaluation={ev}",
             )
             for row in sizes["tasks"]:
-                logger.debug("  task %s: %d bits (ratio %.2f)", row["task"], row["bits"], row["ratio"])
+                logger.info("  task %s: %d bits (ratio %.2f)", row["task"], row["bits"], row["ratio"])
         return history
 
     def __repr__(self) -> str:
