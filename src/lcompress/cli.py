@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import logging
 import os
 import signal
@@ -260,18 +259,12 @@ def _compress(args, rank: int, world: int) -> int:
 
 def _saved_config(run_dir: Path, overrides: dict[str, Any] | None = None):
     """The config a run directory was started with (its ``config.json``), with ``--set`` overrides applied."""
-    from .config import ConfigError, parse_config, set_dotted
+    from .config import ConfigError, load_config
 
     cfg_file = run_dir / "config.json"
     if not cfg_file.is_file():
         raise ConfigError(f"{str(run_dir)!r}: not a run directory (no config.json there)")
-    try:
-        raw = json.loads(cfg_file.read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{cfg_file}: not valid JSON ({e})") from None
-    for key, value in (overrides or {}).items():
-        set_dotted(raw, key, value)
-    return parse_config(raw, source=str(cfg_file))
+    return load_config(cfg_file, overrides)
 
 
 def cmd_sweep(args) -> int:

@@ -362,22 +362,28 @@ def parse_config(raw: dict[str, Any], source: str | None = None) -> RunConfig:
 
 
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> RunConfig:
-    """Read and validate a TOML run configuration.
+    """Read and validate a run configuration: a TOML file, or the ``config.json`` a run directory keeps.
 
     Args:
-        path: the ``.toml`` file.
+        path: the ``.toml`` (or ``.json``) file.
         overrides: dotted keys to set before validation, e.g. ``{"schedule.steps": 5}``.
 
     Raises:
-        ConfigError: the file is missing or not valid TOML, or a field is invalid (named).
+        ConfigError: the file is missing or not valid TOML/JSON, or a field is invalid (named).
     """
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist")
-    try:
-        raw = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{path}: not valid TOML ({e})") from None
+    if path.suffix == ".json":
+        try:
+            raw = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}: not valid JSON ({e})") from None
+    else:
+        try:
+            raw = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{path}: not valid TOML ({e})") from None
     for key, value in (overrides or {}).items():
         set_dotted(raw, key, value)
     return parse_config(raw, source=str(path))

@@ -544,20 +544,15 @@ def run_compress(
         atomic_write_text(json.dumps(results, indent=2), _results_path(out))
         atomic_save(alg.state_dict(), out / "lc_state.pt")
         if export:
-            _try_export(alg, out / "model.lcz", results)
+            _export(alg, out / "model.lcz", results)
             atomic_write_text(json.dumps(results, indent=2), _results_path(out))
     return results
 
 
-def _try_export(alg: LC, path: Path, results: dict) -> None:
-    try:
-        from . import export as _export  # noqa: F401
-    except ImportError:
-        return
+def _export(alg: LC, path: Path, results: dict) -> None:
     info = alg.export(path)
     results["final"]["file_bytes"] = path.stat().st_size
-    if isinstance(info, dict):
-        results["final"]["export"] = {k: v for k, v in info.items() if isinstance(v, (int, float, str))}
+    results["final"]["export"] = {k: v for k, v in info.items() if isinstance(v, (int, float, str))}
 
 
 def _sizes(rep: dict[str, Any]) -> dict[str, Any]:

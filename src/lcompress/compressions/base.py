@@ -157,9 +157,6 @@ class Compression:
     def _where(task: str | None) -> str:
         return f"task {task!r}: " if task else ""
 
-    def _numel(self) -> int:
-        return math.prod(self._shape) if self._shape else 0
-
     def _decompress(self) -> Tensor:
         raise NotImplementedError
 
