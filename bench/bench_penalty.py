@@ -10,7 +10,9 @@ Prints one JSON object on stdout:
   - ``plain``: cross-entropy only;
   - ``lc_per_layer``: ``{"re:fc\\d\\.weight": AdaptiveQuantization(2)}``, three tasks;
   - ``lc_joint``: one joint additive task over all three weight matrices,
-    ``AdaptiveQuantization(2) + ConstraintL0Pruning(fraction=0.01)``.
+    ``AdaptiveQuantization(2) + ConstraintL0Pruning(fraction=0.01)``;
+  - ``lc_per_layer_grad``, ``lc_joint_grad``: the same task maps with the penalty's gradient added by
+    ``alg.penalty_grad_(mu)`` after ``loss.backward()`` instead of ``alg.penalty(mu)`` in the loss.
 
   Each variant has its own model (same initial weights) and SGD (Nesterov momentum 0.9). The epoch's shuffled
   copy of the data is made before the clock starts, so the loop is as lean as a training loop gets and the
@@ -43,9 +45,11 @@ from lcompress.models import MLP, get_model  # noqa: E402
 
 OVERHEAD_TARGET = 0.05
 JOINT = ("fc1.weight", "fc2.weight", "fc3.weight")
+KINDS = ("plain", "lc_per_layer", "lc_joint", "lc_per_layer_grad", "lc_joint_grad")
 
 
 def make_tasks(kind: str) -> dict | None:
+    kind = kind.removesuffix("_grad")
     if kind == "plain":
         return None
     if kind == "lc_per_layer":
@@ -90,16 +94,19 @@ class Variant:
     def epoch(self, xs: torch.Tensor, ys: torch.Tensor, batch: int) -> tuple[float, float]:
         """(wall, process CPU) seconds of one epoch."""
         model, opt, alg, mu = self.model, self.opt, self.alg, self.mu
+        grad_form = self.kind.endswith("_grad")
         n = xs.shape[0]
         c0 = time.process_time()
         t0 = time.perf_counter()
         for i in range(0, n, batch):
             x, y = xs[i : i + batch], ys[i : i + batch]
             loss = F.cross_entropy(model(x), y)
-            if alg is not None:
+            if alg is not None and not grad_form:
                 loss = loss + alg.penalty(mu)
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            if grad_form:
+                alg.penalty_grad_(mu)
             opt.step()
         return time.perf_counter() - t0, time.process_time() - c0
 
@@ -107,7 +114,7 @@ class Variant:
 def bench_epochs(x, y, batch: int, epochs: int, warmup: int, lr: float, mu: float) -> dict[str, Any]:
     torch.manual_seed(0)
     init_state = get_model("lenet300").state_dict()
-    variants = [Variant(k, init_state, lr, mu) for k in ("plain", "lc_per_layer", "lc_joint")]
+    variants = [Variant(k, init_state, lr, mu) for k in KINDS]
     g = torch.Generator().manual_seed(1)
     for e in range(warmup + epochs):
         perm = torch.randperm(x.shape[0], generator=g)
@@ -181,6 +188,13 @@ def fwd_bwd(model: torch.nn.Module, loss_fn: Callable[[], torch.Tensor]) -> Call
     return run
 
 
+def grad_form(model: torch.nn.Module, alg: lc.LC, mu: float) -> Callable[[], None]:
+    """``alg.penalty_grad_(mu)`` on gradients that exist (as after ``loss.backward()``)."""
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    return lambda: alg.penalty_grad_(mu)
+
+
 def bench_penalty_alone(mu: float, calls: int, repeats: int) -> dict[str, Any]:
     torch.manual_seed(0)
     fns: dict[str, Callable[[], Any]] = {}
@@ -190,6 +204,7 @@ def bench_penalty_alone(mu: float, calls: int, repeats: int) -> dict[str, Any]:
         alg.penalty(mu)
         fns[f"{kind} forward"] = (lambda alg=alg: alg.penalty(mu))
         fns[f"{kind} forward+backward"] = fwd_bwd(model, lambda alg=alg: alg.penalty(mu))
+        fns[f"{kind} penalty_grad_"] = grad_form(model, alg, mu)
         if kind == "lc_per_layer":
             fns["naive per-parameter forward+backward"] = fwd_bwd(model, lambda alg=alg: naive_penalty(alg, mu))
     res = per_call_us(fns, calls, repeats)
@@ -208,8 +223,10 @@ def bench_layers(mu: float, total: int, depths: tuple[int, ...], calls: int, rep
         shapes[depth] = {"width": h, "weights": depth * h * h, "tasks": len(alg.tasks)}
         fns[f"{depth} fused"] = fwd_bwd(model, lambda alg=alg: alg.penalty(mu))
         fns[f"{depth} naive"] = fwd_bwd(model, lambda alg=alg: naive_penalty(alg, mu))
+        fns[f"{depth} grad_form"] = grad_form(model, alg, mu)
     res = per_call_us(fns, calls, repeats)
-    out: dict[str, Any] = {"note": "forward+backward of the penalty per call; same total weights at every depth"}
+    out: dict[str, Any] = {"note": "forward+backward of the penalty per call (penalty_grad_: the gradient form); "
+                                   "same total weights at every depth"}
     d0 = depths[0]
     base, base_naive = res[f"{d0} fused"]["median_us"], res[f"{d0} naive"]["median_us"]
     for depth in depths:
@@ -218,6 +235,7 @@ def bench_layers(mu: float, total: int, depths: tuple[int, ...], calls: int, rep
             **shapes[depth],
             "fused_us": fused,
             "naive_us": naive,
+            "penalty_grad_us": res[f"{depth} grad_form"]["median_us"],
             f"fused_over_{d0}_layers": round(fused / base, 3),
             f"naive_over_{d0}_layers": round(naive / base_naive, 3),
             "fused_per_extra_layer_us": None if depth == d0 else round((fused - base) / (depth - d0), 2),

@@ -162,6 +162,120 @@ def test_penalty_value_and_gradient():
     assert model.fc1.bias.grad is None
 
 
+def _perturbed_with_multipliers():
+    """An MLP and an LC over per-layer and joint additive tasks, with nonzero λ and w ≠ Δ."""
+    torch.manual_seed(3)
+    model = MLP()
+    alg = lc.LC(model, {
+        "fc1.weight": lc.AdaptiveQuantization(k=2),
+        ("fc2.weight", "fc3.weight"): lc.AdaptiveQuantization(k=2) + lc.ConstraintL0Pruning(20),
+    })
+    for mu in (0.3, 0.5):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.02 * torch.randn_like(p))
+        alg.c_step(mu)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    return model, alg
+
+
+def test_penalty_grad_matches_closed_form_and_loss_form():
+    model, alg = _perturbed_with_multipliers()
+    x, y = teacher_data(n=64)
+    mu = 0.7
+    deltas, lams = alg.decompressed(), alg.lambdas
+    params = dict(model.named_parameters())
+    assert all(float(lams[n].abs().max()) > 0 for n in lams)
+    weights = {n: p.detach().clone() for n, p in params.items()}
+
+    model.zero_grad(set_to_none=True)
+    (F.cross_entropy(model(x), y) + alg.penalty(mu)).backward()
+    loss_form = {n: p.grad.clone() for n, p in params.items()}
+
+    model.zero_grad(set_to_none=True)
+    F.cross_entropy(model(x), y).backward()
+    data_grad = {n: p.grad.clone() for n, p in params.items()}
+    assert alg.penalty_grad_(mu) is None
+    for n, p in params.items():
+        assert torch.equal(p.detach(), weights[n])  # the weights themselves are untouched
+        if n in deltas:  # data gradient plus μ(w − Δ − λ/μ), computed here in float64
+            ref = data_grad[n].double() + mu * (weights[n].double() - deltas[n].double() - lams[n].double() / mu)
+            assert torch.allclose(p.grad.double(), ref, rtol=1e-5, atol=1e-6), n
+            assert torch.allclose(p.grad, loss_form[n], rtol=1e-5, atol=1e-6), n
+        else:  # biases: no penalty term
+            assert torch.equal(p.grad, data_grad[n]), n
+
+
+def test_penalty_grad_fills_missing_gradients_and_checks_mu():
+    model, alg = _perturbed_with_multipliers()
+    mu = 2.0
+    model.zero_grad(set_to_none=True)
+    model.fc1.weight.grad = torch.ones_like(model.fc1.weight)  # fc2/fc3 took no part in a loss: .grad is None
+    alg.penalty_grad_(mu)
+    d, lam = alg.decompressed(), alg.lambdas
+    for name in ("fc2.weight", "fc3.weight"):
+        p = dict(model.named_parameters())[name]
+        assert torch.allclose(p.grad, mu * (p.detach() - d[name] - lam[name] / mu), atol=1e-6)
+    p1 = model.fc1.weight
+    assert torch.allclose(p1.grad, 1 + mu * (p1.detach() - d["fc1.weight"] - lam["fc1.weight"] / mu), atol=1e-6)
+    assert model.fc1.bias.grad is None
+    before = [None if p.grad is None else p.grad.clone() for p in model.parameters()]
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="penalty_grad_: mu="):
+            alg.penalty_grad_(bad)
+    with pytest.raises(TypeError, match="penalty_grad_: mu="):
+        alg.penalty_grad_(True)
+    for p, b in zip(model.parameters(), before):  # a refused call changed no gradient
+        assert (p.grad is None and b is None) or torch.equal(p.grad, b)
+
+
+def test_penalty_grad_rejects_sparse_gradient_before_touching_any():
+    emb = nn.Embedding(30, 4, sparse=True)
+    lin = nn.Linear(4, 2)
+    model = nn.ModuleDict({"emb": emb, "lin": lin})
+    alg = lc.LC(model, {"lin.weight": lc.AdaptiveQuantization(k=2), "emb.weight": lc.AdaptiveQuantization(k=2)})
+    lin(emb(torch.tensor([1, 2]))).sum().backward()
+    assert emb.weight.grad.is_sparse
+    g_lin = lin.weight.grad.clone()
+    with pytest.raises(TypeError, match="emb.weight.*sparse"):
+        alg.penalty_grad_(1.0)
+    assert torch.equal(lin.weight.grad, g_lin)
+
+
+def test_user_loop_with_penalty_grad_follows_the_loss_form():
+    """Same loop, the penalty's gradient added after backward instead of through the loss: same trajectory
+    up to float rounding, and LC ends feasible."""
+    x, y = teacher_data(n=600)
+    runs = []
+    for fast in (False, True):
+        torch.manual_seed(0)
+        model = MLP()
+        alg = lc.LC(model, {"re:fc\\d\\.weight": lc.AdaptiveQuantization(k=2)})
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        for mu in lc.geometric(1e-2, 2.0, 16):
+            for group in opt.param_groups:
+                group["lr"] = lc.clip_lr(0.05, mu)
+            for i in range(0, len(x), 100):
+                loss = F.cross_entropy(model(x[i : i + 100]), y[i : i + 100])
+                opt.zero_grad()
+                if fast:
+                    loss.backward()
+                    alg.penalty_grad_(mu)
+                else:
+                    (loss + alg.penalty(mu)).backward()
+                opt.step()
+            alg.c_step(mu)
+        runs.append((model, alg))
+    (m0, a0), (m1, a1) = runs
+    for p0, p1 in zip(m0.parameters(), m1.parameters()):
+        assert torch.allclose(p0, p1, rtol=1e-3, atol=1e-5)
+    w = torch.cat([p.detach().reshape(-1) for n, p in m1.named_parameters() if n.endswith("weight")])
+    assert a1.feasibility()["total"] < 0.05 * float(w.norm())
+    assert a1.feasibility()["total"] == pytest.approx(a0.feasibility()["total"], rel=1e-2)
+
+
 def test_multiplier_update_and_quadratic_penalty():
     model = MLP()
     alg = lc.LC(model, {"fc1.weight": lc.ConstraintL0Pruning(50)})

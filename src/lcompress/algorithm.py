@@ -212,14 +212,65 @@ class LC:
         Raises:
             ValueError: μ ≤ 0 or not finite.
         """
-        if mu != self._neg_targets_mu:
-            mu = _check_mu(mu, "penalty")
-            # −μ t = −μΔ − λ, formed once per μ rather than per batch
-            neg = torch._foreach_mul(self._deltas, -mu)
-            if self._lambdas is not None:
-                torch._foreach_sub_(neg, self._lambdas)
-            self._neg_targets, self._neg_targets_mu = neg, mu
+        mu = self._neg_targets_for(mu, "penalty")
         return _Penalty.apply(mu, self._neg_targets, *self._params)
+
+    def _neg_targets_for(self, mu: Any, where: str) -> float:
+        """Check μ and make sure ``self._neg_targets`` holds −μ t = −μΔ − λ for it (formed once per μ)."""
+        if mu != self._neg_targets_mu or isinstance(mu, bool):
+            mu = _check_mu(mu, where)
+            if mu != self._neg_targets_mu:
+                neg = torch._foreach_mul(self._deltas, -mu)
+                if self._lambdas is not None:
+                    torch._foreach_sub_(neg, self._lambdas)
+                self._neg_targets, self._neg_targets_mu = neg, mu
+        return self._neg_targets_mu
+
+    @torch.no_grad()
+    def penalty_grad_(self, mu: float) -> None:
+        """Add the penalty's gradient μ(w − Δ(Θ) − λ/μ) to every compressed parameter's ``.grad``, in place.
+
+        The fast alternative to adding :meth:`penalty` to the loss, for L steps that do not need the penalty's
+        value each batch: call it after ``loss.backward()`` and before ``opt.step()``, once per optimizer step.
+        The gradient is the same (up to float rounding: here it is added in two fused passes over the weights,
+        ``grad += μw`` then ``grad −= μt``); there is no autograd node and no value to compute, which is what
+        makes it cheaper (see ``bench/bench_penalty.py``). A parameter whose ``.grad`` is None (it took no part
+        in the loss) gets the penalty's gradient alone.
+
+        >>> loss = F.cross_entropy(model(x), y)      # doctest: +SKIP
+        >>> opt.zero_grad(); loss.backward()
+        >>> alg.penalty_grad_(mu)                    # instead of loss + alg.penalty(mu)
+        >>> opt.step()
+
+        With ``torch.amp.GradScaler`` call ``scaler.unscale_(opt)`` first (the gradients must be unscaled); with
+        gradient accumulation, call it once after the last micro-batch's backward; with gradient clipping, call it
+        before clipping, as the loss form would. For the penalty's value (to log it now and then), evaluate
+        :meth:`penalty` under ``torch.no_grad()``.
+
+        Raises:
+            ValueError: μ ≤ 0 or not finite.
+            TypeError: a parameter's gradient is sparse.
+        """
+        mu = self._neg_targets_for(mu, "penalty_grad_")
+        grads: list[Tensor] = []
+        ws: list[Tensor] = []
+        cs: list[Tensor] = []
+        missing: list[tuple[nn.Parameter, Tensor]] = []
+        for p, c, name in zip(self._params, self._neg_targets, self._names):
+            g = p.grad
+            if g is None:
+                missing.append((p, c))
+            elif g.is_sparse:
+                raise TypeError(f"penalty_grad_: {name!r} has a sparse gradient; add alg.penalty(mu) to the loss instead")
+            else:
+                grads.append(g)
+                ws.append(p)
+                cs.append(c)
+        for p, c in missing:
+            p.grad = torch.add(c, p.detach(), alpha=mu)
+        if grads:
+            torch._foreach_add_(grads, ws, alpha=mu)  # grad += μw   (two in-place passes, nothing allocated)
+            torch._foreach_add_(grads, cs)  # grad += −μt
 
     def c_step(self, mu: float) -> None:
         """The C step at μ: Θ ← Π(w − λ/μ) for every task, then λ ← λ − μ(w − Δ(Θ)).
