@@ -442,15 +442,17 @@ def run_compress(
             ts = time.perf_counter()
             model.train()
             loss_sum = torch.zeros((), device=device)
+            pen_sum = torch.zeros((), device=device)
             seen = 0
             for _ in range(cfg.schedule.epochs_per_step):
                 for xb, yb in batches(x_train, y_train, per_rank_batch, shuffle=True, generator=gen, rank=rank, world_size=world):
                     loss = F.cross_entropy(ddp_model(xb), yb)
+                    pen = alg.penalty(mu)
                     opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    alg.penalty_grad_(mu)  # the penalty's gradient, added after DDP's all-reduce (same on every rank)
+                    (loss + pen).backward()
                     opt.step()
                     loss_sum += loss.detach()
+                    pen_sum += pen.detach()
                     seen += 1
                     batch_no += 1
                     if bar is not None:
@@ -465,12 +467,10 @@ def run_compress(
                 # the step's loss over the global batch, as a single process would report it (each rank saw a shard)
                 import torch.distributed as dist
 
-                sums = loss_sum.reshape(1).to(_flag_device())
+                sums = torch.stack([loss_sum, pen_sum]).to(_flag_device())
                 dist.all_reduce(sums)
-                loss_sum = (sums[0] / world).to(device)
+                loss_sum, pen_sum = (sums / world).to(device).unbind()
             mean_loss = float(loss_sum) / max(seen, 1)
-            with torch.no_grad():  # at the L step's end weights (the same on every rank)
-                pen_value = float(alg.penalty(mu))
             if not math.isfinite(mean_loss):
                 raise FloatingPointError(
                     f"the L step diverged at LC step {step + 1} (mu={mu:.4g}, loss={mean_loss}); lower optimizer.lr"
@@ -481,7 +481,7 @@ def run_compress(
                 "mu": mu,
                 "lr": lr,
                 "loss": mean_loss,
-                "penalty": pen_value,
+                "penalty": float(pen_sum) / max(seen, 1),
                 "feasibility": alg.feasibility()["total"],
                 "seconds": time.perf_counter() - ts,
                 **_sizes(alg.size_report()),
