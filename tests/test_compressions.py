@@ -27,12 +27,15 @@ CASES = {
     "fixed_assign": (lambda: lc.FixedAssignmentQuantization(torch.arange(300) % 5), (300,)),
     "l0": (lambda: lc.ConstraintL0Pruning(kappa=30), (300,)),
     "l0_fp16": (lambda: lc.ConstraintL0Pruning(kappa=30, value_dtype="float16"), (300,)),
+    "l0_codebook": (lambda: lc.ConstraintL0Pruning(kappa=30, value_codebook=4), (300,)),
     "l1": (lambda: lc.ConstraintL1Pruning(kappa=3.0), (300,)),
     "pen_l0": (lambda: lc.PenaltyL0Pruning(alpha=1e-3), (300,)),
+    "pen_l0_codebook": (lambda: lc.PenaltyL0Pruning(alpha=1e-2, value_codebook=2), (300,)),
     "pen_l1": (lambda: lc.PenaltyL1Pruning(alpha=1e-3), (300,)),
     "lowrank": (lambda: lc.LowRank(rank=3), (20, 15)),
     "rank_sel": (lambda: lc.RankSelection(alpha=1e-4), (20, 15)),
     "additive": (lambda: lc.AdaptiveQuantization(k=2) + lc.ConstraintL0Pruning(kappa=10), (300,)),
+    "additive_codebook": (lambda: lc.BinaryQuantization() + lc.ConstraintL0Pruning(kappa=10, value_codebook=2), (300,)),
     "additive_lr": (lambda: lc.LowRank(rank=2) + lc.ConstraintL0Pruning(kappa=10), (20, 15)),
 }
 MU = 1.0

@@ -20,7 +20,8 @@ blob. Each Θ piece is a byte-aligned segment ``[offset, length]``:
 * quantization ``{"kind": "codebook"}``: codes bit-packed at ⌈log₂ K⌉ bits each (little-endian bit order),
   then the K float32 codebook entries (``store = "all"``), only the scale a of {−a, a} / {−a, 0, a}
   (``"scale"``), or nothing for a fixed codebook rebuilt from the config (``"none"``);
-* pruning ``{"kind": "sparse"}``: the nonzero values at their dtype, and the support coded as chosen by
+* pruning ``{"kind": "sparse"}``: the nonzero values at their dtype (or, with ``value_codebook``, their
+  ⌈log₂ K⌉-bit codes and the K float32 codebook entries), and the support coded as chosen by
   :func:`lcompress.sizes.support_bits`, an n-bit mask or b-bit delta symbols (all-ones = skip 2ᵇ − 1);
 * low rank ``{"kind": "factors"}``: A and B at their dtype;
 * additive combinations ``{"kind": "sum", "parts": [...]}``, recursively.
@@ -296,8 +297,20 @@ def _encode(comp: Compression, wr: _Writer, where: str) -> tuple[dict[str, Any],
     if isinstance(comp, _Sparse):
         idx, vals, n = th["indices"].detach().cpu().reshape(-1).long(), th["values"].detach().cpu().reshape(-1), th["n"]
         scheme, sbits, width = support_bits(idx, n)
-        rec = {"kind": "sparse", "n": int(n), "nnz": idx.numel(), "dtype": _dtype_name(vals.dtype),
-               "values": wr.add("theta", _tensor_bytes(vals)), "support": scheme}
+        rec = {"kind": "sparse", "n": int(n), "nnz": idx.numel(), "support": scheme}
+        if "codebook" in th:  # values = codebook[codes]: ⌈log₂ K⌉-bit codes and a float32 codebook
+            cb = th["codebook"].detach().float().cpu().reshape(-1)
+            codes = th["codes"].detach().cpu().reshape(-1)
+            if not torch.equal(cb[codes.long()], vals.float()):
+                raise ValueError(f"{where}: the sparse values are not codebook[codes]")
+            cw = index_bits(cb.numel())
+            rec.update(entries=cb.numel(), codebook=wr.add("theta", _tensor_bytes(cb)), code_width=cw)
+            if cw:
+                rec["codes"] = wr.add("theta", pack_bits(codes, cw))
+            vbits = idx.numel() * cw + FLOAT_BITS * cb.numel()
+        else:
+            rec.update(dtype=_dtype_name(vals.dtype), values=wr.add("theta", _tensor_bytes(vals)))
+            vbits = idx.numel() * dtype_bits(vals.dtype)
         if scheme == "bitmask":
             mask = np.zeros(n, dtype=np.uint8)
             mask[idx.numpy()] = 1
@@ -305,7 +318,7 @@ def _encode(comp: Compression, wr: _Writer, where: str) -> tuple[dict[str, Any],
         else:
             sym = _delta_encode(idx.numpy(), width)
             rec.update(width=width, symbols=int(sym.size), deltas=wr.add("theta", pack_bits(sym, width)))
-        return rec, idx.numel() * dtype_bits(vals.dtype) + sbits
+        return rec, vbits + sbits
     if isinstance(comp, _Factors):
         rec = {"kind": "factors"}
         bits = 0
@@ -345,8 +358,21 @@ def _decode(rec: Any, rd: _Reader, config: Mapping[str, Any], where: str) -> dic
             return {"codebook": cb, "codes": codes_t if k <= 256 else codes_t.long()}
         if kind == "sparse":
             n, nnz = int(rec["n"]), int(rec["nnz"])
-            vdt = _dtype(rec["dtype"], where)
-            vals = _bytes_tensor(rd.seg("theta", rec["values"], where), vdt, [nnz], where)
+            extra: dict[str, Tensor] = {}
+            if "codebook" in rec:
+                entries, cw = int(rec["entries"]), int(rec["code_width"])
+                if entries < 1 or cw != index_bits(entries):
+                    raise ValueError(f"corrupted .lcz header: {where} codes of {cw} bits for {entries} entries")
+                cb = _bytes_tensor(rd.seg("theta", rec["codebook"], where), torch.float32, [entries], where)
+                codes = unpack_bits(rd.np("theta", rec["codes"], where), nnz, cw) if cw else np.zeros(nnz, np.uint8)
+                codes_t = torch.from_numpy(codes.astype(np.uint8))
+                if codes_t.numel() and int(codes_t.max()) >= entries:
+                    raise ValueError(f"corrupted .lcz payload: {where} has a code beyond its {entries}-entry codebook")
+                vals = cb[codes_t.long()]
+                extra = {"codebook": cb, "codes": codes_t}
+            else:
+                vdt = _dtype(rec["dtype"], where)
+                vals = _bytes_tensor(rd.seg("theta", rec["values"], where), vdt, [nnz], where)
             if rec["support"] == "bitmask":
                 idx = np.flatnonzero(unpack_bits(rd.np("theta", rec["mask"], where), n, 1))
                 if idx.size != nnz:
@@ -357,7 +383,7 @@ def _decode(rec: Any, rd: _Reader, config: Mapping[str, Any], where: str) -> dic
                 idx = _delta_decode(sym, width, nnz, n)
             else:
                 raise ValueError(f"corrupted .lcz header: {where} has support coding {rec['support']!r}")
-            return {"indices": torch.from_numpy(idx.astype(np.int64)), "values": vals, "n": n}
+            return {"indices": torch.from_numpy(idx.astype(np.int64)), "values": vals, "n": n, **extra}
         if kind == "factors":
             out = {}
             for key in ("A", "B"):
@@ -380,17 +406,17 @@ def _delta(theta: Mapping[str, Any], view: Sequence[int]) -> Tensor:
             out = d if out is None else out + d
         return out
     n = math.prod(view)
-    if "codebook" in theta:
-        codes = theta["codes"]
-        if codes.numel() != n:
-            raise ValueError(f"corrupted .lcz header: {codes.numel()} codes for a view of {n} weights")
-        return theta["codebook"][codes.long()].reshape(tuple(view))
-    if "indices" in theta:
+    if "indices" in theta:  # (before "codebook": a sparse Θ with codebook values has both)
         if theta["n"] != n:
             raise ValueError(f"corrupted .lcz header: a sparse Θ of length {theta['n']} for a view of {n} weights")
         out = torch.zeros(n, dtype=torch.float32)
         out[theta["indices"]] = theta["values"].float()
         return out.reshape(tuple(view))
+    if "codebook" in theta:
+        codes = theta["codes"]
+        if codes.numel() != n:
+            raise ValueError(f"corrupted .lcz header: {codes.numel()} codes for a view of {n} weights")
+        return theta["codebook"][codes.long()].reshape(tuple(view))
     a, b = theta["A"], theta["B"]
     if (a.shape[0], b.shape[1]) != tuple(view):
         raise ValueError(f"corrupted .lcz header: factors {tuple(a.shape)} @ {tuple(b.shape)} for a view {tuple(view)}")

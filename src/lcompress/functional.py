@@ -21,6 +21,7 @@ __all__ = [
     "ternary",
     "powers_of_two_codebook",
     "topk_magnitude",
+    "sparse_codebook",
     "project_l1_ball",
     "hard_threshold",
     "soft_threshold",
@@ -362,6 +363,79 @@ def scaled_ternary(x: Tensor, bins: int = 4096) -> tuple[Tensor, Tensor]:
     # a kept weight is never 0 (a zero never raises S(t)²/t), so sign() gives ±1 on the support
     signs = (torch.sign(x.reshape(-1)) * keep).to(torch.int8)
     return a, signs.reshape(x.shape)
+
+
+def sparse_codebook(
+    x: Tensor,
+    k: int,
+    kappa: int | None = None,
+    cost: float = 0.0,
+    init: Tensor | None = None,
+    rounds: int = 50,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Pruning whose surviving values share a learned K-entry codebook.
+
+    min over support S, codebook c and codes a of  Σ_{i∉S} xᵢ² + Σ_{i∈S} (xᵢ − c[aᵢ])² + cost·|S|,  with |S| ≤ κ
+    when ``kappa`` is given (``cost = 2α/μ`` gives the ℓ0 penalty form α‖θ‖₀ + μ/2‖x − θ‖²).
+
+    Alternating optimization, each step exact for the other variables fixed: for a fixed codebook the best support
+    and codes are exact (each weight's gain xᵢ² − minⱼ (xᵢ − cⱼ)² − cost; keep the κ largest positive gains); for a
+    fixed support the codebook is 1-D k-means of the kept values (:func:`kmeans_1d`, warm-started). It starts from
+    the plain ℓ0 solution (top κ magnitudes, or the hard threshold √cost) and stops when a round no longer lowers
+    the objective; the best iterate is returned, so the result is never worse than that start.
+
+    Returns:
+        (indices of S, sorted int64; codes (uint8 for K ≤ 256) of the kept values; codebook (K,) sorted).
+    """
+    if k < 1:
+        raise ValueError(f"k={k} must be an integer >= 1")
+    xf = x.reshape(-1)
+    n = xf.numel()
+    x2 = xf * xf
+    total = float(x2.sum())
+    empty = (torch.zeros(0, dtype=torch.long, device=x.device),
+             torch.zeros(0, dtype=torch.uint8 if k <= 256 else torch.long, device=x.device))
+
+    def objective(S: Tensor, a: Tensor, c: Tensor) -> float:
+        xs = xf[S]
+        return total - float((xs * xs).sum()) + float(((xs - c[a.long()]) ** 2).sum()) + cost * S.numel()
+
+    if kappa is not None:
+        S = topk_magnitude(xf, kappa)
+    else:
+        S = torch.nonzero(x2 > cost).reshape(-1)
+    if S.numel() == 0:
+        c0 = init if init is not None and init.numel() == k else xf.new_zeros(k)
+        return (*empty, c0.to(xf.dtype))
+
+    def descend(S: Tensor, c_init: Tensor | None):
+        c, a = kmeans_1d(xf[S], k, init=c_init)
+        best = (S, a, c, objective(S, a, c))
+        for _ in range(rounds):
+            q = nearest_in_codebook(xf, c)
+            gain = x2 - (xf - c[q.long()]) ** 2 - cost
+            if kappa is not None and kappa < n:
+                top = torch.topk(gain, kappa, sorted=False).indices
+                S = top[gain[top] > 0]
+            else:
+                S = torch.nonzero(gain > 0).reshape(-1)
+            if S.numel() == 0:
+                break
+            S, _ = torch.sort(S)
+            c, a = kmeans_1d(xf[S], k, init=c)
+            obj = objective(S, a, c)
+            if not obj < best[3] * (1 - 1e-9):
+                break
+            best = (S, a, c, obj)
+        return best
+
+    best = descend(S, init)
+    # a second start from half the support: the alternation can stall with a support too wide for K values
+    half = topk_magnitude(xf, max(1, S.numel() // 2))
+    other = descend(half, None)
+    if other[3] < best[3]:
+        best = other
+    return best[0], best[1], best[2]
 
 
 def topk_magnitude(x: Tensor, kappa: int) -> Tensor:

@@ -482,15 +482,7 @@ def task_specs(
     total = sum(numels)
     keys = set(theta)
     out: dict[str, dict[str, Any]] = {}
-    if {"codebook", "codes"} <= keys:
-        codes = theta["codes"].reshape(-1)
-        if codes.numel() != total:
-            raise ValueError(f"Θ has {codes.numel()} codes for parameters {names} with {total} weights")
-        o = 0
-        for n, s, k in zip(names, shapes, numels):
-            out[n] = {"kind": "codebook", "codebook": theta["codebook"], "codes": codes[o : o + k].reshape(tuple(s))}
-            o += k
-    elif {"indices", "values", "n"} <= keys:
+    if {"indices", "values", "n"} <= keys:  # (first: a sparse Θ with codebook values also has "codebook")
         if int(theta["n"]) != total:
             raise ValueError(f"Θ is a sparse vector of length {theta['n']}; parameters {names} have {total} weights")
         idx, vals = theta["indices"].reshape(-1), theta["values"].reshape(-1)
@@ -499,6 +491,14 @@ def task_specs(
         for j, n in enumerate(names):
             lo, hi = cuts[j], cuts[j + 1]
             out[n] = {"kind": "sparse", "indices": idx[lo:hi] - int(bounds[j]), "values": vals[lo:hi]}
+    elif {"codebook", "codes"} <= keys:
+        codes = theta["codes"].reshape(-1)
+        if codes.numel() != total:
+            raise ValueError(f"Θ has {codes.numel()} codes for parameters {names} with {total} weights")
+        o = 0
+        for n, s, k in zip(names, shapes, numels):
+            out[n] = {"kind": "codebook", "codebook": theta["codebook"], "codes": codes[o : o + k].reshape(tuple(s))}
+            o += k
     elif {"A", "B"} <= keys and len(names) == 1:
         out[names[0]] = {"kind": "lowrank", "A": theta["A"], "B": theta["B"], "conv_scheme": conv_scheme}
     return out

@@ -1,13 +1,14 @@
 """Pruning: most weights are zero; Θ is the support (positions) and the surviving values."""
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from .. import functional as F
-from ..sizes import dtype_bits, support_bits
+from ..sizes import FLOAT_BITS, dtype_bits, index_bits, support_bits
 from .base import Compression, check_float, check_int
 
 __all__ = ["ConstraintL0Pruning", "ConstraintL1Pruning", "PenaltyL0Pruning", "PenaltyL1Pruning"]
@@ -37,14 +38,31 @@ class _Sparse(Compression):
 
     ``value_dtype`` stores surviving values at lower precision (float16/bfloat16); the C step then rounds the
     kept values, which is the exact projection for a fixed support.
+
+    With ``value_codebook = K`` (the ℓ0 forms) the surviving values share a learned K-entry float32 codebook, and Θ
+    adds ``codebook`` (K,) and ``codes`` (nnz,) with ``values = codebook[codes]``; the file stores ⌈log₂ K⌉ bits
+    per survivor plus the codebook instead of the values.
     """
 
-    def __init__(self, value_dtype="float32") -> None:
+    def __init__(self, value_dtype="float32", value_codebook: int | None = None) -> None:
         super().__init__()
         self.value_dtype = _value_dtype(value_dtype)
+        self.value_codebook = None
+        if value_codebook is not None:
+            self.value_codebook = check_int("value_codebook", value_codebook, low=1)
+            if self.value_codebook > 256:
+                raise ValueError(f"value_codebook={value_codebook} must be at most 256 (8-bit codes)")
+            if self.value_dtype != torch.float32:
+                raise ValueError(
+                    f"give value_dtype={value_dtype!r} or value_codebook={value_codebook}, not both "
+                    "(a codebook's entries are stored in float32)"
+                )
 
     def _config(self) -> dict[str, Any]:
-        return {"value_dtype": _DTYPE_NAMES[self.value_dtype]}
+        cfg: dict[str, Any] = {"value_dtype": _DTYPE_NAMES[self.value_dtype]}
+        if self.value_codebook is not None:
+            cfg["value_codebook"] = self.value_codebook
+        return cfg
 
     def _set_dense(self, theta_dense: Tensor) -> Tensor:
         """Store a dense vector with zeros as Θ; return Δ(Θ) (after rounding the values to ``value_dtype``)."""
@@ -59,6 +77,16 @@ class _Sparse(Compression):
         out[idx] = values.float()
         return out.reshape(shape)
 
+    def _set_codebook(self, w: Tensor, kappa: int | None, cost: float) -> Tensor:
+        """The C step with codebook values (see :func:`lcompress.functional.sparse_codebook`), warm-started from
+        the previous codebook."""
+        prev = self._theta.get("codebook") if self._theta is not None else None
+        flat = w.reshape(-1)
+        idx, codes, cb = F.sparse_codebook(flat, self.value_codebook, kappa=kappa, cost=cost, init=prev)
+        out = self._set(idx, cb[codes.long()], flat.numel(), w.shape)
+        self._theta.update(codebook=cb, codes=codes)
+        return out
+
     def _decompress(self) -> Tensor:
         th = self._theta
         out = torch.zeros(th["n"], dtype=torch.float32, device=th["values"].device)
@@ -70,11 +98,15 @@ class _Sparse(Compression):
         return int(self.theta["indices"].numel())
 
     def count_params(self) -> int:
+        if self.value_codebook is not None:
+            return self.nnz + self.value_codebook
         return self.nnz
 
     def count_bits(self) -> int:
         th = self.theta
         _, ibits, _ = support_bits(th["indices"], th["n"])
+        if self.value_codebook is not None:
+            return self.nnz * index_bits(self.value_codebook) + FLOAT_BITS * self.value_codebook + ibits
         return self.nnz * dtype_bits(self.value_dtype) + ibits
 
 
@@ -88,13 +120,17 @@ class ConstraintL0Pruning(_Sparse):
         fraction: instead of ``kappa``, the fraction of the task's weights to keep, in [0, 1]
             (κ = round(fraction · n) once the task is known).
         value_dtype: precision of the surviving values ("float32", "float16" or "bfloat16").
+        value_codebook: instead, K: the surviving values share one learned K-entry codebook (⌈log₂ K⌉ bits each
+            plus K floats). The C step then alternates exact support/code and codebook updates (not a global
+            optimum, but never worse than keeping the top κ and quantizing them).
 
     >>> ConstraintL0Pruning(kappa=2).compress(torch.tensor([0.1, -3.0, 0.5, 2.0])).tolist()
     [0.0, -3.0, 0.0, 2.0]
     """
 
-    def __init__(self, kappa: int | None = None, value_dtype="float32", *, fraction: float | None = None) -> None:
-        super().__init__(value_dtype)
+    def __init__(self, kappa: int | None = None, value_dtype="float32", *, fraction: float | None = None,
+                 value_codebook: int | None = None) -> None:
+        super().__init__(value_dtype, value_codebook)
         if (kappa is None) == (fraction is None):
             raise ValueError(f"give exactly one of kappa (a count) and fraction, got kappa={kappa!r}, fraction={fraction!r}")
         self.kappa = None if kappa is None else check_int("kappa", kappa, low=0)
@@ -124,6 +160,8 @@ class ConstraintL0Pruning(_Sparse):
 
     def _compress(self, w: Tensor, mu: float) -> Tensor:
         flat = w.reshape(-1)
+        if self.value_codebook is not None:
+            return self._set_codebook(w, self.kappa_for(flat.numel()), 0.0)
         idx = F.topk_magnitude(flat, self.kappa_for(flat.numel()))
         return self._set(idx, flat[idx], flat.numel(), w.shape)
 
@@ -172,9 +210,21 @@ class PenaltyL0Pruning(_PenaltyPruning):
     Args:
         alpha: the penalty weight α ≥ 0.
         value_dtype: precision of the surviving values.
+        value_codebook: instead, K: the surviving values share one learned K-entry codebook (see
+            :class:`ConstraintL0Pruning`); a weight is kept when its gain xᵢ² − (xᵢ − c[aᵢ])² exceeds 2α/μ.
     """
 
     _threshold = staticmethod(F.hard_threshold)
+
+    def __init__(self, alpha: float, value_dtype="float32", value_codebook: int | None = None) -> None:
+        _Sparse.__init__(self, value_dtype, value_codebook)
+        self.alpha = check_float("alpha", alpha, low=0.0)
+
+    def _compress(self, w: Tensor, mu: float) -> Tensor:
+        if self.value_codebook is None:
+            return super()._compress(w, mu)
+        cost = math.inf if mu <= 0 else 2.0 * self.alpha / mu
+        return self._set_codebook(w, None, cost)
 
 
 class PenaltyL1Pruning(_PenaltyPruning):
