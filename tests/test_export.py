@@ -422,3 +422,17 @@ def test_file_is_plain_safetensors(saved):
         assert meta["format"] == "lcompress.lcz" and meta["version"] == str(export.VERSION)
         assert set(f.keys()) <= {"dense", "theta"}
         assert all(f.get_tensor(k).dtype == torch.uint8 for k in f.keys())
+
+
+def test_equal_content_gives_equal_bytes(tmp_path, saved_bytes):
+    """safetensors writes its metadata in hash-map order; the exporter sorts the header so files reproduce."""
+    torch.manual_seed(0)
+    model = get_model("lenet300").eval()
+    alg = lc.LC(model, {"fc1.weight": lc.AdaptiveQuantization(2), "fc2.weight": lc.ConstraintL0Pruning(500)})
+    outs = set()
+    for i in range(4):
+        alg.export(tmp_path / f"m{i}.lcz")
+        outs.add((tmp_path / f"m{i}.lcz").read_bytes())
+    assert outs == {saved_bytes}
+    n, table = _frame(saved_bytes)
+    assert list(table) == sorted(table) and list(table["__metadata__"]) == sorted(table["__metadata__"])

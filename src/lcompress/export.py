@@ -485,7 +485,22 @@ def to_bytes(alg) -> tuple[bytes, dict[str, Any]]:
     }
     tensors = {b: torch.frombuffer(bytearray(blobs[b]), dtype=torch.uint8) if blobs[b] else
                torch.zeros(0, dtype=torch.uint8) for b in BLOBS}
-    return st_save(tensors, metadata=meta), header
+    return _canonical_header(st_save(tensors, metadata=meta)), header
+
+
+def _canonical_header(data: bytes) -> bytes:
+    """The same safetensors file with its JSON header's keys sorted, so that equal content gives equal bytes.
+
+    safetensors writes ``__metadata__`` from a hash map, in an order that changes from call to call. The header
+    is re-serialized compactly with sorted keys and padded with spaces to its original length (the format allows
+    trailing spaces); the tensor data and its offsets are untouched.
+    """
+    n = int.from_bytes(data[:8], "little")
+    table = json.loads(data[8 : 8 + n])
+    canon = json.dumps(table, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    if len(canon) > n:  # cannot happen for a compact header; keep the file as written rather than shift the data
+        return data
+    return data[:8] + canon + b" " * (n - len(canon)) + data[8 + n :]
 
 
 def save(alg, path) -> dict[str, Any]:
