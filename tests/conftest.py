@@ -14,6 +14,16 @@ def _seed():
     yield
 
 
+@pytest.fixture(scope="module")
+def isolated_cli():
+    """For modules that run the CLI in-process: one torch thread, and the "lcompress" logger put back as it was
+    after the CLI configured it."""
+    import synthetic as S
+
+    with S.one_thread(), S.cli_logging_restored():
+        yield
+
+
 def brute_force_min(candidates, objective):
     """Smallest objective over an iterable of candidates (test helper for independent references)."""
     best = None

@@ -109,6 +109,42 @@ def train_reference(path: Path, epochs: int = 4, seed: int = 0) -> float:
 
 
 @contextlib.contextmanager
+def prepared(root: Path, config_for) -> Any:
+    """Write the data module into ``root``, train a reference there and write ``root/cfg.toml`` from
+    ``config_for(reference_path)``; yields the config's path with ``root`` on ``sys.path`` and the ``LCTEST_*``
+    hooks unset (both put back on exit)."""
+    import pytest
+
+    write_module(root)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.syspath_prepend(str(root))
+        for var in ("LCTEST_TRACE", "LCTEST_PAUSE_AT", "LCTEST_GO"):
+            mp.delenv(var, raising=False)
+        ref = root / "reference.pt"
+        train_reference(ref)
+        yield write_config(root / "cfg.toml", config_for(ref))
+
+
+def assert_same(a, b, where: str = "state") -> None:
+    """Bitwise equality of nested dicts/lists of tensors and plain values."""
+    import torch
+
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and (a.dtype, a.shape) == (b.dtype, b.shape), where
+        assert torch.equal(a, b), f"{where} differs (max |a - b| = {float((a.double() - b.double()).abs().max()):.3g})"
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), f"{where}: keys {list(a)} vs {list(b)}"
+        for k in a:
+            assert_same(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert isinstance(b, (list, tuple)) and len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, f"{where}: {a!r} != {b!r}"
+
+
+@contextlib.contextmanager
 def one_thread():
     """torch on one thread meanwhile: these problems are too small to gain from more, a shared machine loses, and
     bitwise comparisons with the subprocesses (OMP_NUM_THREADS=1) need the same reduction order."""

@@ -26,49 +26,21 @@ BATCHES = S.N_TRAIN // 64  # training batches per L step (batch_size 64, one epo
 PAUSE_AT = 2 * BATCHES + 3  # the interrupted runs are stopped at this training batch: inside L step 3
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _isolated():
-    """One torch thread, and the "lcompress" logger put back as it was after the CLI configured it."""
-    with S.one_thread(), S.cli_logging_restored():
-        yield
+pytestmark = pytest.mark.usefixtures("isolated_cli")
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory, _isolated):
+def setup(tmp_path_factory, isolated_cli):
     """The data module, a reference, the run config (auto μ schedule) and the uninterrupted run's directory."""
     root = tmp_path_factory.mktemp("resume")
-    S.write_module(root)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.syspath_prepend(str(root))
-        for var in ("LCTEST_TRACE", "LCTEST_PAUSE_AT", "LCTEST_GO"):
-            mp.delenv(var, raising=False)
-        ref = root / "reference.pt"
-        S.train_reference(ref)
-        cfg = S.write_config(root / "cfg.toml", S.base_config(
-            ref,
-            model={"name": f"{S.MODULE_NAME}:traced_mlp", "args": {"sizes": S.SIZES, "dropout": 0.1}},
-            schedule={"mu": "auto", "steps": STEPS, "mu0": None, "factor": None},
-        ))
+    with S.prepared(root, lambda ref: S.base_config(
+        ref,
+        model={"name": f"{S.MODULE_NAME}:traced_mlp", "args": {"sizes": S.SIZES, "dropout": 0.1}},
+        schedule={"mu": "auto", "steps": STEPS, "mu0": None, "factor": None},
+    )) as cfg:
         baseline = root / "baseline"
         run_compress(load_config(cfg), baseline, progress=False)
         yield root, cfg, baseline
-
-
-def assert_same(a, b, where="state"):
-    """Bitwise equality of nested dicts/lists of tensors and plain values."""
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape, where
-        assert torch.equal(a, b), f"{where} differs"
-    elif isinstance(a, dict):
-        assert isinstance(b, dict) and a.keys() == b.keys(), f"{where}: keys {list(a)} vs {list(b)}"
-        for k in a:
-            assert_same(a[k], b[k], f"{where}.{k}")
-    elif isinstance(a, (list, tuple)):
-        assert isinstance(b, (list, tuple)) and len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_same(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, f"{where}: {a!r} != {b!r}"
 
 
 def final(run: Path) -> dict:
@@ -87,7 +59,7 @@ def final(run: Path) -> dict:
 def assert_matches_baseline(run: Path, baseline: Path) -> None:
     got, want = final(run), final(baseline)
     assert len(want["steps"]) == STEPS and want["lc"]["step"] == STEPS
-    assert_same(got, want)
+    S.assert_same(got, want)
     assert not list(run.glob("*.tmp"))
 
 

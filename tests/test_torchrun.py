@@ -41,9 +41,11 @@ from lcompress.cli import EXIT_BAD_INPUT
 from lcompress.config import load_config
 from lcompress.experiment import RunInterrupted, run_compress
 
-pytestmark = pytest.mark.skipif(
-    not (dist.is_available() and dist.is_gloo_available()), reason="torch.distributed with gloo is not available"
-)
+pytestmark = [
+    pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
+                       reason="torch.distributed with gloo is not available"),
+    pytest.mark.usefixtures("isolated_cli"),
+]
 
 WORLD = 2
 STEPS = 3
@@ -55,34 +57,21 @@ REL = 1e-4  # see the module docstring
 RUN_FILES = {"config.json", "results.json", "checkpoint.pt", "lc_state.pt", "model.lcz", "log.txt"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _isolated():
-    with S.one_thread(), S.cli_logging_restored():
-        yield
-
-
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory, _isolated):
+def setup(tmp_path_factory, isolated_cli):
     """The data module, a reference, the config, and the single-process run of it (in this process)."""
     root = tmp_path_factory.mktemp("torchrun")
-    S.write_module(root)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.syspath_prepend(str(root))
-        for var in ("LCTEST_TRACE", "LCTEST_PAUSE_AT", "LCTEST_GO"):
-            mp.delenv(var, raising=False)
-        ref = root / "reference.pt"
-        S.train_reference(ref)
-        cfg = S.write_config(root / "cfg.toml", S.base_config(
-            ref,
-            model={"name": f"{S.MODULE_NAME}:traced_mlp", "args": {"sizes": S.SIZES}},  # test hooks, no dropout
-            data={"batch_size": BATCH},
-            schedule={"mu": "geometric", "mu0": 1e-3, "factor": 3.0, "steps": STEPS},
-            tasks=[
-                {"params": "fc1.weight", "compression": {"type": "AdaptiveQuantization", "k": 2}},
-                {"params": "fc2.weight", "compression": {"type": "LowRank", "rank": 4}},
-                {"params": "fc3.weight", "compression": {"type": "ConstraintL0Pruning", "fraction": 0.25}},
-            ],
-        ))
+    with S.prepared(root, lambda ref: S.base_config(
+        ref,
+        model={"name": f"{S.MODULE_NAME}:traced_mlp", "args": {"sizes": S.SIZES}},  # test hooks, no dropout
+        data={"batch_size": BATCH},
+        schedule={"mu": "geometric", "mu0": 1e-3, "factor": 3.0, "steps": STEPS},
+        tasks=[
+            {"params": "fc1.weight", "compression": {"type": "AdaptiveQuantization", "k": 2}},
+            {"params": "fc2.weight", "compression": {"type": "LowRank", "rank": 4}},
+            {"params": "fc3.weight", "compression": {"type": "ConstraintL0Pruning", "fraction": 0.25}},
+        ],
+    )) as cfg:
         single = root / "single"
         run_compress(load_config(cfg), single, progress=False)
         yield root, cfg, single
@@ -201,23 +190,6 @@ def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
 
 
-def assert_same(a, b, where="state"):
-    """Bitwise equality of nested dicts/lists of tensors and plain values."""
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and (a.dtype, a.shape) == (b.dtype, b.shape), where
-        assert torch.equal(a, b), f"{where} differs (max |a - b| = {float((a.double() - b.double()).abs().max()):.3g})"
-    elif isinstance(a, dict):
-        assert isinstance(b, dict) and a.keys() == b.keys(), f"{where}: keys {list(a)} vs {list(b)}"
-        for k in a:
-            assert_same(a[k], b[k], f"{where}.{k}")
-    elif isinstance(a, (list, tuple)):
-        assert isinstance(b, (list, tuple)) and len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_same(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, f"{where}: {a!r} != {b!r}"
-
-
 def without_times(res: dict) -> dict:
     steps = [{k: v for k, v in s.items() if k != "seconds"} for s in res["steps"]]
     return {"steps": steps, "schedule": res["schedule"], "direct_compression": res["direct_compression"]}
@@ -313,9 +285,9 @@ def test_sigint_to_torchrun_stops_every_rank_and_resume_under_torchrun_finishes(
     assert out.count("run directory") == 1
     assert {p.name for p in run.iterdir()} == RUN_FILES
     # bit for bit what the uninterrupted launch ended with
-    assert_same(lc_state(run), lc_state(uninterrupted), "lc_state")
-    assert_same(model_state(run), model_state(uninterrupted), "model")
-    assert_same(without_times(results(run)), without_times(results(uninterrupted)), "results")
+    S.assert_same(lc_state(run), lc_state(uninterrupted), "lc_state")
+    S.assert_same(model_state(run), model_state(uninterrupted), "model")
+    S.assert_same(without_times(results(run)), without_times(results(uninterrupted)), "results")
 
 
 def test_ranks_that_find_different_checkpoints_refuse_to_resume(setup, tmp_path):
