@@ -226,6 +226,41 @@ def test_callback_compresses_an_unmodified_module(pl, Classifier, data, referenc
     assert lc_loss < 0.5 * dc_loss, (lc_loss, dc_loss)
 
 
+def test_gradient_form_follows_the_loss_form(pl, Classifier, data, reference):
+    """penalty="grad": the penalty's gradient is added before each optimizer step instead of through the loss;
+    same LC run up to float rounding, and the loss training_step returns is passed through unchanged."""
+    from lcompress.integrations.lightning import LCCallback
+
+    runs = {}
+    for form in ("loss", "grad"):
+        model = fresh(Classifier, reference)
+        cb = LCCallback(make_tasks(), SCHEDULE, penalty=form)
+        extra = []
+
+        class Probe(pl.Callback):  # what the wrapper added to the user's loss
+            def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+                x, y = batch
+                with torch.no_grad():
+                    self.ce = float(F.cross_entropy(pl_module(x), y))
+
+            def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+                extra.append(float(outputs["loss"]) - self.ce)
+
+        trainer(pl, [cb, Probe()], max_epochs=100).fit(model, loader(data))
+        assert cb.lc.step == len(SCHEDULE)
+        if form == "grad":
+            assert extra and all(abs(e) < 1e-6 for e in extra)
+        else:  # the penalty is in the loss
+            assert extra and all(e > 0 for e in extra)
+        runs[form] = (model, cb)
+    (m_loss, cb_loss), (m_grad, cb_grad) = runs["loss"], runs["grad"]
+    for (name, a), b in zip(m_loss.named_parameters(), m_grad.parameters()):
+        assert torch.allclose(a, b, rtol=1e-3, atol=1e-4), name
+    assert cb_grad.lc.feasibility()["total"] == pytest.approx(cb_loss.lc.feasibility()["total"], rel=0.05, abs=1e-6)
+    with pytest.raises(ValueError, match="penalty='both'"):
+        LCCallback(make_tasks(), SCHEDULE, penalty="both")
+
+
 def test_dict_output_epochs_per_step_and_catch_up_c_step(pl, Classifier, data, reference, caplog):
     from lcompress.integrations.lightning import LCCallback
 

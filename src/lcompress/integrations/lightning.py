@@ -70,6 +70,12 @@ class LCCallback(Callback):
     ``automatic_optimization = False`` the module calls ``manual_backward`` itself and the returned value is not the
     loss.
 
+    ``penalty="grad"`` takes the cheaper gradient form instead (:meth:`LC.penalty_grad_`): the wrapper passes the
+    loss through unchanged (it only notes the batch's μ) and, in ``on_before_optimizer_step``, the penalty's
+    gradient is added to ``.grad`` once per optimizer step that followed a trained batch. Lightning calls that hook after the backward passes of every accumulated batch, after the AMP scaler has
+    unscaled the gradients, after DDP has averaged them, and before gradient clipping, so the result is the loss
+    form's up to float rounding. The penalty is then not part of the logged loss.
+
     Under DDP every rank builds the same LC object and runs the same C step; :meth:`LC.c_step` checks that the ranks
     agree (see ``docs/distributed.md``).
 
@@ -80,6 +86,8 @@ class LCCallback(Callback):
             epochs_per_step`` to run the whole schedule (fewer is allowed, and logged as a warning).
         multipliers: keep Lagrange multipliers λ (augmented Lagrangian); False: quadratic-penalty method.
         finalize: put Δ(Θ) into the model's weights at fit end.
+        penalty: ``"loss"`` (the penalty added to ``training_step``'s loss) or ``"grad"`` (its gradient added
+            before each optimizer step; see above).
 
     Raises:
         TypeError, ValueError: bad arguments (at construction) or a bad task map (at fit start, from :class:`LC`).
@@ -93,6 +101,7 @@ class LCCallback(Callback):
         epochs_per_step: int = 1,
         multipliers: bool = True,
         finalize: bool = True,
+        penalty: str = "loss",
     ) -> None:
         super().__init__()
         if not isinstance(tasks, Mapping) or len(tasks) == 0:
@@ -110,6 +119,9 @@ class LCCallback(Callback):
         for name, flag in (("multipliers", multipliers), ("finalize", finalize)):
             if not isinstance(flag, bool):
                 raise TypeError(f"{name}={flag!r} must be True or False")
+        if penalty not in ("loss", "grad"):
+            raise ValueError(f"penalty={penalty!r} must be 'loss' or 'grad'")
+        self.penalty = penalty
         self.tasks = tasks
         self.mu_schedule = schedule
         self.epochs_per_step = epochs_per_step
@@ -121,6 +133,7 @@ class LCCallback(Callback):
         self._saved_step: Any = _MISSING
         self._since_c_step = 0  # training batches with a penalty since the last C step
         self._last_mu: float | None = None
+        self._grad_due: float | None = None  # penalty="grad": μ of a batch whose optimizer step is still to come
 
     # ---- the schedule ---------------------------------------------------------------------------------------
     def mu_at(self, epoch: int) -> float:
@@ -140,6 +153,7 @@ class LCCallback(Callback):
                 "with manual optimization use lcompress.LC directly and add lc.penalty(mu) to the loss yourself"
             )
         self.lc = LC(pl_module, self.tasks, multipliers=self.multipliers)
+        self._grad_due = None
         if self._pending is not None:
             self._restore(self._pending)
             self._pending = None
@@ -234,19 +248,26 @@ class LCCallback(Callback):
             module.training_step = self._saved_step
         self._saved_step = _MISSING
 
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        if self.penalty == "grad" and self._grad_due is not None:
+            self.lc.penalty_grad_(self._grad_due)
+            self._grad_due = None
+
     def _add_penalty(self, out: Any, pl_module) -> Any:
         if out is None:  # Lightning skips the batch
             return out
-        mu = self.mu_at(pl_module.trainer.current_epoch)
-        if isinstance(out, Tensor):
-            out = out + self.lc.penalty(mu)
-        elif isinstance(out, dict) and "loss" in out:
-            out = {**out, "loss": out["loss"] + self.lc.penalty(mu)}
-        else:
+        if not (isinstance(out, Tensor) or (isinstance(out, dict) and "loss" in out)):
             raise TypeError(
                 f"LCCallback: training_step returned {type(out).__name__}; expected the loss tensor, a dict with a "
                 "'loss' key, or None"
             )
+        mu = self.mu_at(pl_module.trainer.current_epoch)
+        if self.penalty == "grad":
+            self._grad_due = mu  # added to the gradients in on_before_optimizer_step, once per optimizer step
+        elif isinstance(out, Tensor):
+            out = out + self.lc.penalty(mu)
+        else:
+            out = {**out, "loss": out["loss"] + self.lc.penalty(mu)}
         self._since_c_step += 1
         self._last_mu = mu
         return out
