@@ -1,6 +1,9 @@
 """One process of the distributed LC tests (driven by tests/test_distributed.py; not collected by pytest).
 
-Usage: ``python tests/dist_worker.py OUT_DIR RANK WORLD_SIZE INIT_FILE``
+Usage: ``python tests/dist_worker.py OUT_DIR RANK WORLD_SIZE INIT_FILE [FORM]``
+
+FORM is ``loss`` (default: ``loss + alg.penalty(mu)``) or ``grad`` (``alg.penalty_grad_(mu)`` after backward, where
+DDP has already averaged the gradients); a ``grad`` run does only part 1 and writes ``..._grad.pt``.
 
 1. An MLP (in DistributedDataParallel when WORLD_SIZE > 1) is trained by LC over a geometric μ schedule on a fixed
    data set; rank r takes its shard of every global batch of ``GLOBAL_BATCH`` samples. After direct compression and
@@ -97,24 +100,28 @@ def setup(rank: int, world: int, init_file: str) -> tuple[nn.Module, nn.Module]:
     return model, wrapped
 
 
-def l_step(wrapped, alg, opt, x, y, mu, step, rank, world) -> None:
+def l_step(wrapped, alg, opt, x, y, mu, step, rank, world, form="loss") -> None:
     for epoch in range(EPOCHS_PER_STEP):
         # the same permutation on every rank; rank r takes every world-th element of it, so the union of the
         # ranks' i-th batches is the single-process run's i-th global batch
         g = torch.Generator().manual_seed(1000 * step + epoch)
         for xb, yb in batches(x, y, GLOBAL_BATCH // world, shuffle=True, generator=g, rank=rank, world_size=world):
-            loss = F.cross_entropy(wrapped(xb), yb) + alg.penalty(mu)
+            loss = F.cross_entropy(wrapped(xb), yb)
+            if form == "loss":
+                loss = loss + alg.penalty(mu)
             opt.zero_grad()
             loss.backward()
+            if form == "grad":
+                alg.penalty_grad_(mu)
             opt.step()
 
 
-def train(model, wrapped, alg, rank: int, world: int) -> list[dict]:
+def train(model, wrapped, alg, rank: int, world: int, form: str = "loss") -> list[dict]:
     x, y = make_data()
     records = [snapshot(alg, model)]
     for step, mu in enumerate(MU_SCHEDULE):
         opt = torch.optim.SGD(wrapped.parameters(), lr=lc.clip_lr(LR, mu), momentum=0.9)
-        l_step(wrapped, alg, opt, x, y, mu, step, rank, world)
+        l_step(wrapped, alg, opt, x, y, mu, step, rank, world, form)
         alg.c_step(mu)
         records.append(snapshot(alg, model))
     return records
@@ -167,16 +174,18 @@ def fail_on_one_rank(model, alg, rank: int) -> dict:
 
 
 def main(argv: list[str]) -> None:
-    out, rank, world, init_file = argv
+    out, rank, world, init_file = argv[:4]
+    form = argv[4] if len(argv) > 4 else "loss"
     rank, world = int(rank), int(world)
     try:
         model, wrapped = setup(rank, world, init_file)
         alg = lc.LC(wrapped, make_tasks())
-        result = {"records": train(model, wrapped, alg, rank, world)}
-        if world > 1:
+        result = {"records": train(model, wrapped, alg, rank, world, form)}
+        if world > 1 and form == "loss":
             result["diverge"] = diverge(model, alg, rank)
             result["fail_one"] = fail_on_one_rank(model, alg, rank)
-        torch.save(result, Path(out) / f"rank{rank}_world{world}.pt")
+        suffix = "" if form == "loss" else f"_{form}"
+        torch.save(result, Path(out) / f"rank{rank}_world{world}{suffix}.pt")
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -3,7 +3,8 @@
 One launch serves every test here: ``tests/dist_worker.py`` runs as ranks 0 and 1 of a 2-process group (initialised
 through a file in ``tmp_path``, so no port is needed) and, at the same time, as a single process over the same global
 batches. Each process trains an MLP by LC under a task mix (adaptive quantization, a joint pruning task over two
-layers, low-rank + sparse) and writes what it saw to ``tmp_path``; the tests compare the files.
+layers, low-rank + sparse) and writes what it saw to ``tmp_path``; the tests compare the files. A second pair of
+ranks and a second single process do the same with the gradient form of the penalty (``alg.penalty_grad_``).
 """
 from __future__ import annotations
 
@@ -28,29 +29,30 @@ pytestmark = pytest.mark.skipif(
 def _launch(out: Path) -> None:
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     env["PYTHONPATH"] = os.pathsep.join([str(SRC), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    jobs = [(2, 0, out / "pg_init"), (2, 1, out / "pg_init"), (1, 0, out / "unused")]
+    jobs = [(2, 0, out / "pg_init", "loss"), (2, 1, out / "pg_init", "loss"), (1, 0, out / "unused", "loss"),
+            (2, 0, out / "pg_init_grad", "grad"), (2, 1, out / "pg_init_grad", "grad"), (1, 0, out / "unused", "grad")]
     procs = [
         subprocess.Popen(
-            [sys.executable, str(WORKER), str(out), str(rank), str(world), str(init)],
+            [sys.executable, str(WORKER), str(out), str(rank), str(world), str(init), form],
             env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
         )
-        for world, rank, init in jobs
+        for world, rank, init, form in jobs
     ]
     failures = []
     try:
-        for (world, rank, _), p in zip(jobs, procs):
+        for (world, rank, _, form), p in zip(jobs, procs):
             try:
                 log, _ = p.communicate(timeout=TIMEOUT_S)
             except subprocess.TimeoutExpired:
                 p.kill()
                 log, _ = p.communicate()
-                failures.append(f"world {world} rank {rank}: timed out after {TIMEOUT_S} s\n{log}")
+                failures.append(f"world {world} rank {rank} ({form}): timed out after {TIMEOUT_S} s\n{log}")
                 continue
             if p.returncode != 0:
-                failures.append(f"world {world} rank {rank}: exit code {p.returncode}\n{log}")
+                failures.append(f"world {world} rank {rank} ({form}): exit code {p.returncode}\n{log}")
     finally:
         for p in procs:
             if p.poll() is None:
@@ -69,7 +71,10 @@ def runs(tmp_path_factory):
         # the records hold only tensors, dicts, lists, strings and numbers: the safe loader suffices
         return torch.load(out / f"rank{rank}_world{world}.pt", weights_only=True)
 
-    return {"rank0": load(0, 2), "rank1": load(1, 2), "single": load(0, 1)}
+    runs = {"rank0": load(0, 2), "rank1": load(1, 2), "single": load(0, 1)}
+    for name, (rank, world) in {"grad_rank0": (0, 2), "grad_rank1": (1, 2), "grad_single": (0, 1)}.items():
+        runs[name] = torch.load(out / f"rank{rank}_world{world}_grad.pt", weights_only=True)
+    return runs
 
 
 def _assert_bitwise_equal(a, b, where: str) -> None:
@@ -135,6 +140,22 @@ def test_ddp_matches_single_process_run(runs):
     final = ddp[-1]["deltas"]
     assert final["fc1.weight"].unique().numel() <= 4
     assert int((final["fc2.weight"] != 0).sum() + (final["fc4.weight"] != 0).sum()) <= 300
+
+
+def test_gradient_form_under_ddp_matches_single_process_and_loss_form(runs):
+    """``alg.penalty_grad_(mu)`` after backward, where DDP has averaged the gradients: the ranks agree bitwise, the
+    run matches the single-process gradient-form run and the loss-form run (float rounding only)."""
+    g0, g1, gs, loss = (runs[k]["records"] for k in ("grad_rank0", "grad_rank1", "grad_single", "rank0"))
+    assert len(g0) == len(g1) == len(gs) == len(loss) == 5
+    for i in range(5):
+        for key in ("theta", "deltas", "lambdas", "weights"):
+            _assert_bitwise_equal(g0[i][key], g1[i][key], f"grad form, C step {i}: {key}")
+        for other, what in ((gs, "single-process grad form"), (loss, "loss form under DDP")):
+            for name in other[i]["weights"]:
+                assert _rel(g0[i]["weights"][name], other[i]["weights"][name]) <= RTOL, f"C step {i}: {name} vs {what}"
+            for name in other[i]["deltas"]:
+                assert _rel(g0[i]["deltas"][name], other[i]["deltas"][name]) <= RTOL, f"C step {i}: Δ {name} vs {what}"
+    assert not torch.equal(g0[0]["weights"]["fc1.weight"], g0[-1]["weights"]["fc1.weight"])
 
 
 # ---- (c) a rank whose weights drifted makes c_step fail on every rank, naming the task --------------------------
