@@ -323,3 +323,60 @@ def _optimal_splits(S: torch.Tensor, k: int) -> list[int]:
     splits.append(0)
     splits.reverse()
     return splits
+
+
+def prefix_tables(xs: torch.Tensor, k: int) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
+    """Optimal k-means costs of every prefix of sorted data, for every number of groups up to ``k``.
+
+    Args:
+        xs: sorted (ascending) 1-D floating tensor of n values.
+        k: the largest number of groups.
+
+    Returns:
+        ``sse`` (k + 1, n + 1) float64: ``sse[j, i]`` is the least sum of squared distances to their group means of
+        ``xs[:i]`` split into exactly j contiguous groups (+inf where i < j; ``sse[0, 0] = 0``);
+        ``opts``: for j = 2..k, the layer's split table (``opts[j - 2][i]`` = start of the last group of the best
+        j-group partition of ``xs[:i]``), for :func:`prefix_groups`;
+        ``S``: the float64 prefix sums of the centred data, with its shift appended (for the group means).
+    """
+    n = xs.numel()
+    dev = xs.device
+    x64 = xs.to(torch.float64)
+    shift = x64.mean()
+    x64 = x64 - shift
+    S = torch.zeros(n + 1, dtype=torch.float64, device=dev)
+    torch.cumsum(x64, 0, out=S[1:])
+    Q = torch.zeros(n + 1, dtype=torch.float64, device=dev)
+    torch.cumsum(x64 * x64, 0, out=Q[1:])
+    del x64
+    sse = torch.full((k + 1, n + 1), math.inf, dtype=torch.float64, device=dev)
+    sse[0, 0] = 0.0
+    opts: list[torch.Tensor] = []
+    if k >= 1 and n >= 1:
+        rows = torch.arange(1, n + 1, device=dev, dtype=torch.float64)
+        E = torch.full((n + 1,), math.inf, dtype=torch.float64, device=dev)
+        E[1:] = -(S[1:] * S[1:]) / rows
+        sse[1, 1:] = Q[1:] + E[1:]
+        solver = _LayerSolver(S)
+        Ep = solver.pad_values(E)
+        for j in range(2, min(k, n) + 1):
+            Ep, opt = solver.layer(Ep, j, j, n)
+            opts.append(opt)
+            sse[j, j:] = Q[j:] + Ep[solver.P + j :]
+    # rounding can leave a tiny negative cost for a perfectly fitting prefix
+    sse.clamp_(min=0.0)
+    return sse, opts, torch.cat([S, shift.reshape(1)])
+
+
+def prefix_groups(opts: list[torch.Tensor], i: int, j: int) -> list[int]:
+    """Boundaries 0 = b_0 < … < b_j = i of the best j-group partition of the first i sorted values."""
+    if j == 0:
+        return [0]
+    splits = [i]
+    b = i
+    for t in range(j, 1, -1):
+        b = int(opts[t - 2][b])
+        splits.append(b)
+    splits.append(0)
+    splits.reverse()
+    return splits

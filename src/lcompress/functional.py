@@ -6,6 +6,8 @@ Compression classes in :mod:`lcompress.compressions` call these and keep the res
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -370,72 +372,100 @@ def sparse_codebook(
     k: int,
     kappa: int | None = None,
     cost: float = 0.0,
-    init: Tensor | None = None,
-    rounds: int = 50,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Pruning whose surviving values share a learned K-entry codebook.
+    """Pruning whose surviving values share a learned K-entry codebook, solved to global optimality.
 
     min over support S, codebook c and codes a of  Σ_{i∉S} xᵢ² + Σ_{i∈S} (xᵢ − c[aᵢ])² + cost·|S|,  with |S| ≤ κ
     when ``kappa`` is given (``cost = 2α/μ`` gives the ℓ0 penalty form α‖θ‖₀ + μ/2‖x − θ‖²).
 
-    Alternating optimization, each step exact for the other variables fixed: for a fixed codebook the best support
-    and codes are exact (each weight's gain xᵢ² − minⱼ (xᵢ − cⱼ)² − cost; keep the κ largest positive gains); for a
-    fixed support the codebook is 1-D k-means of the kept values (:func:`kmeans_1d`, warm-started). It starts from
-    the plain ℓ0 solution (top κ magnitudes, or the hard threshold √cost) and stops when a round no longer lowers
-    the objective; the best iterate is returned, so the result is never worse than that start.
+    Why it is a 1-D dynamic program: for the optimal codebook, a weight is kept when its gain
+    xᵢ² − minⱼ (xᵢ − cⱼ)² = maxⱼ (2xᵢcⱼ − cⱼ²) is among the κ largest (and above ``cost``). The gain is a maximum
+    of linear functions of xᵢ, hence convex with gain(0) ≤ 0, so the pruned weights form one contiguous block of
+    the sorted values, the kept ones are a prefix of the negative values and a suffix of the positive ones (only
+    values with xᵢ² > cost can gain), and every codebook entry's weights are contiguous on one side. With the optimal
+    k-means costs of every such prefix and suffix for up to K groups (:func:`lcompress._kmeans_exact.prefix_tables`,
+    O(K m log m) for m candidates, m ≤ κ per side), the objective of "prefix of length l in K₁ groups, suffix of
+    length m in K − K₁ groups" separates into a term in l and one in m, and a running minimum over m ≤ κ − l finds
+    the best pair for each K₁.
 
     Returns:
-        (indices of S, sorted int64; codes (uint8 for K ≤ 256) of the kept values; codebook (K,) sorted).
+        (indices of S, sorted int64; codes (uint8 for K ≤ 256) of the kept values; codebook (K,) sorted float32).
+        Unused entries (fewer groups than K) repeat a used one; with nothing kept the codebook is zeros.
     """
+    from ._kmeans_exact import prefix_groups, prefix_tables
+
     if k < 1:
         raise ValueError(f"k={k} must be an integer >= 1")
     xf = x.reshape(-1)
     n = xf.numel()
-    x2 = xf * xf
-    total = float(x2.sum())
-    empty = (torch.zeros(0, dtype=torch.long, device=x.device),
-             torch.zeros(0, dtype=torch.uint8 if k <= 256 else torch.long, device=x.device))
-
-    def objective(S: Tensor, a: Tensor, c: Tensor) -> float:
-        xs = xf[S]
-        return total - float((xs * xs).sum()) + float(((xs - c[a.long()]) ** 2).sum()) + cost * S.numel()
-
+    dev = xf.device
+    code_dtype = torch.uint8 if k <= 256 else torch.long
+    nothing = (torch.zeros(0, dtype=torch.long, device=dev), torch.zeros(0, dtype=code_dtype, device=dev),
+               xf.new_zeros(k))
+    if not cost < math.inf or (kappa is not None and kappa <= 0):
+        return nothing
+    xs, perm = torch.sort(xf)
+    thr = math.sqrt(cost)
+    n_left = int((xs < -thr).sum())  # candidates for the kept prefix (the most negative values) ...
+    n_right = int((xs > thr).sum())  # ... and for the kept suffix (the most positive ones)
     if kappa is not None:
-        S = topk_magnitude(xf, kappa)
-    else:
-        S = torch.nonzero(x2 > cost).reshape(-1)
-    if S.numel() == 0:
-        c0 = init if init is not None and init.numel() == k else xf.new_zeros(k)
-        return (*empty, c0.to(xf.dtype))
+        n_left, n_right = min(n_left, kappa), min(n_right, kappa)
+    if n_left + n_right == 0:
+        return nothing
+    left = xs[:n_left]
+    right = -xs[n - n_right :].flip(0)  # the n_right largest values, negated and ascending
+    pre, pre_opts, pre_s = prefix_tables(left, k)
+    suf, suf_opts, suf_s = prefix_tables(right, k)
+    pre_best, pre_j = torch.cummin(pre, 0)  # at most j groups (fewer when that is as good)
+    suf_best, suf_j = torch.cummin(suf, 0)
 
-    def descend(S: Tensor, c_init: Tensor | None):
-        c, a = kmeans_1d(xf[S], k, init=c_init)
-        best = (S, a, c, objective(S, a, c))
-        for _ in range(rounds):
-            q = nearest_in_codebook(xf, c)
-            gain = x2 - (xf - c[q.long()]) ** 2 - cost
-            if kappa is not None and kappa < n:
-                top = torch.topk(gain, kappa, sorted=False).indices
-                S = top[gain[top] > 0]
-            else:
-                S = torch.nonzero(gain > 0).reshape(-1)
-            if S.numel() == 0:
-                break
-            S, _ = torch.sort(S)
-            c, a = kmeans_1d(xf[S], k, init=c)
-            obj = objective(S, a, c)
-            if not obj < best[3] * (1 - 1e-9):
-                break
-            best = (S, a, c, obj)
-        return best
+    def removed(v: Tensor) -> Tensor:  # Σ v² over each prefix: what keeping that prefix takes off the zero block
+        out = torch.zeros(v.numel() + 1, dtype=torch.float64, device=dev)
+        torch.cumsum(v.to(torch.float64) ** 2, 0, out=out[1:])
+        return out
 
-    best = descend(S, init)
-    # a second start from half the support: the alternation can stall with a support too wide for K values
-    half = topk_magnitude(xf, max(1, S.numel() // 2))
-    other = descend(half, None)
-    if other[3] < best[3]:
-        best = other
-    return best[0], best[1], best[2]
+    ls = torch.arange(n_left + 1, device=dev)
+    ms = torch.arange(n_right + 1, device=dev)
+    a_base = cost * ls.to(torch.float64) - removed(left)
+    b_base = cost * ms.to(torch.float64) - removed(right)
+    # for each l, the largest suffix length allowed: |S| = l + m ≤ κ
+    m_cap = torch.full_like(ls, n_right) if kappa is None else (kappa - ls).clamp(max=n_right)
+    ok = m_cap >= 0
+    best = (math.inf, 0, 0, 0)
+    for k1 in range(k + 1):
+        b_min, b_arg = torch.cummin(suf_best[k - k1] + b_base, 0)  # best m ≤ t, for every t
+        tot = (pre_best[k1] + a_base)[ok] + b_min[m_cap[ok]]
+        i = int(torch.argmin(tot))
+        v = float(tot[i])
+        if v < best[0]:
+            l_best = int(ls[ok][i])
+            best = (v, l_best, int(b_arg[int(m_cap[l_best])]), k1)
+    _, l, m, k1 = best
+    j1, j2 = int(pre_j[k1, l]), int(suf_j[k - k1, m])
+    # the kept groups as (start, end) in sorted order, with their means from the float64 prefix sums
+    bounds, means = [], []
+    g = prefix_groups(pre_opts, l, j1)
+    for b0, b1 in zip(g[:-1], g[1:]):
+        bounds.append((b0, b1))
+        means.append((pre_s[b1] - pre_s[b0]) / (b1 - b0) + pre_s[-1])
+    g = prefix_groups(suf_opts, m, j2)
+    for b0, b1 in zip(g[:-1], g[1:]):
+        bounds.append((n - b1, n - b0))
+        means.append(-((suf_s[b1] - suf_s[b0]) / (b1 - b0) + suf_s[-1]))
+    if not means:
+        return nothing
+    cb = torch.stack(means).to(xf.dtype)
+    order = torch.argsort(cb, stable=True)
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(order.numel(), device=dev)
+    sizes = torch.tensor([b1 - b0 for b0, b1 in bounds], device=dev)
+    sorted_pos = torch.cat([torch.arange(b0, b1, device=dev) for b0, b1 in bounds])
+    idx, o = torch.sort(perm[sorted_pos])
+    codes = torch.repeat_interleave(rank, sizes)[o].to(code_dtype)
+    cb = cb[order]
+    if cb.numel() < k:
+        cb = torch.cat([cb, cb[-1:].expand(k - cb.numel())])
+    return idx, codes, cb
 
 
 def topk_magnitude(x: Tensor, kappa: int) -> Tensor:

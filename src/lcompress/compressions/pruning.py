@@ -78,11 +78,9 @@ class _Sparse(Compression):
         return out.reshape(shape)
 
     def _set_codebook(self, w: Tensor, kappa: int | None, cost: float) -> Tensor:
-        """The C step with codebook values (see :func:`lcompress.functional.sparse_codebook`), warm-started from
-        the previous codebook."""
-        prev = self._theta.get("codebook") if self._theta is not None else None
+        """The exact C step with codebook values (see :func:`lcompress.functional.sparse_codebook`)."""
         flat = w.reshape(-1)
-        idx, codes, cb = F.sparse_codebook(flat, self.value_codebook, kappa=kappa, cost=cost, init=prev)
+        idx, codes, cb = F.sparse_codebook(flat, self.value_codebook, kappa=kappa, cost=cost)
         out = self._set(idx, cb[codes.long()], flat.numel(), w.shape)
         self._theta.update(codebook=cb, codes=codes)
         return out
@@ -121,8 +119,8 @@ class ConstraintL0Pruning(_Sparse):
             (κ = round(fraction · n) once the task is known).
         value_dtype: precision of the surviving values ("float32", "float16" or "bfloat16").
         value_codebook: instead, K: the surviving values share one learned K-entry codebook (⌈log₂ K⌉ bits each
-            plus K floats). The C step then alternates exact support/code and codebook updates (not a global
-            optimum, but never worse than keeping the top κ and quantizing them).
+            plus K floats). The C step stays exact: support, codes and codebook are optimized jointly by
+            :func:`lcompress.functional.sparse_codebook`.
 
     >>> ConstraintL0Pruning(kappa=2).compress(torch.tensor([0.1, -3.0, 0.5, 2.0])).tolist()
     [0.0, -3.0, 0.0, 2.0]
