@@ -136,6 +136,24 @@ def test_compress_writes_results_state_and_compact_file(finished_run):
     assert "LC step 4/4" in (run / "log.txt").read_text()
 
 
+def test_gradient_form_of_the_penalty_gives_the_same_run_up_to_rounding(finished_run, synth, tmp_path):
+    """lc.penalty = "grad": the L step adds the penalty's gradient after backward; the run's records agree with
+    the loss form's to float rounding, and its penalty is recorded at the end of each L step."""
+    run, _, rc, _, err = finished_run
+    assert rc == 0, err
+    _, ref = synth
+    cfg = cfg_file(tmp_path / "cfg.toml", ref, lc={"penalty": "grad"})
+    rc, _, err = run_main(["compress", cfg, "--out", str(tmp_path / "run"), "-q"])
+    assert rc == 0, err
+    a = json.loads((run / "results.json").read_text())["steps"]
+    b = json.loads((tmp_path / "run" / "results.json").read_text())["steps"]
+    assert len(a) == len(b) == 4
+    for x, y in zip(a, b):
+        assert y["loss"] == pytest.approx(x["loss"], rel=1e-3)
+        assert y["feasibility"] == pytest.approx(x["feasibility"], rel=1e-2, abs=1e-6)
+        assert y["penalty"] >= 0 and y["compressed_bits"] == x["compressed_bits"]
+
+
 def test_export_rewrites_the_runs_compressed_model(finished_run, tmp_path, capsys):
     run = finished_run[0]
     target = tmp_path / "again.lcz"

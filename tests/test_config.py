@@ -88,6 +88,7 @@ ERROR_CASES = [
     (lambda c: c["optimizer"].update(lr=0), "optimizer.lr", "0"),
     (lambda c: c.update(evaluate={"every": 0}), "evaluate.every", "0"),
     (lambda c: c.update(lc=[1]), "lc", "[1]"),
+    (lambda c: c.update(lc={"penalty": "both"}), "lc.penalty", "'both'"),
 ]
 
 

@@ -102,6 +102,9 @@ class EvaluateConfig:
 @dataclass
 class LCConfig:
     multipliers: bool = True
+    # "loss": loss + alg.penalty(mu) (the penalty's value every batch); "grad": alg.penalty_grad_(mu) after backward
+    # (cheaper; results differ by float rounding only)
+    penalty: str = "loss"
 
 
 @dataclass
@@ -271,6 +274,8 @@ def parse_config(raw: dict[str, Any], source: str | None = None) -> RunConfig:
         raise ConfigError(f"data.batch_size={cfg.data.batch_size}: must be >= 1")
     if cfg.reference.train_epochs < 0:
         raise ConfigError(f"reference.train_epochs={cfg.reference.train_epochs}: must be >= 0")
+    if cfg.lc.penalty not in ("loss", "grad"):
+        raise ConfigError(f"lc.penalty={cfg.lc.penalty!r}: expected \"loss\" or \"grad\"")
     # tasks
     if "tasks" not in raw:
         raise ConfigError("tasks: missing; at least one [[tasks]] entry is needed (params = ..., compression = {...})")

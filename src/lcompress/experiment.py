@@ -444,15 +444,20 @@ def run_compress(
             loss_sum = torch.zeros((), device=device)
             pen_sum = torch.zeros((), device=device)
             seen = 0
+            grad_form = cfg.lc.penalty == "grad"
             for _ in range(cfg.schedule.epochs_per_step):
                 for xb, yb in batches(x_train, y_train, per_rank_batch, shuffle=True, generator=gen, rank=rank, world_size=world):
                     loss = F.cross_entropy(ddp_model(xb), yb)
-                    pen = alg.penalty(mu)
                     opt.zero_grad(set_to_none=True)
-                    (loss + pen).backward()
+                    if grad_form:  # the penalty's gradient added after backward (and after DDP's all-reduce)
+                        loss.backward()
+                        alg.penalty_grad_(mu)
+                    else:
+                        pen = alg.penalty(mu)
+                        (loss + pen).backward()
+                        pen_sum += pen.detach()
                     opt.step()
                     loss_sum += loss.detach()
-                    pen_sum += pen.detach()
                     seen += 1
                     batch_no += 1
                     if bar is not None:
@@ -471,6 +476,11 @@ def run_compress(
                 dist.all_reduce(sums)
                 loss_sum, pen_sum = (sums / world).to(device).unbind()
             mean_loss = float(loss_sum) / max(seen, 1)
+            if grad_form:  # no per-batch values: the penalty at the L step's end weights (the same on every rank)
+                with torch.no_grad():
+                    pen_value = float(alg.penalty(mu))
+            else:
+                pen_value = float(pen_sum) / max(seen, 1)
             if not math.isfinite(mean_loss):
                 raise FloatingPointError(
                     f"the L step diverged at LC step {step + 1} (mu={mu:.4g}, loss={mean_loss}); lower optimizer.lr"
@@ -481,7 +491,7 @@ def run_compress(
                 "mu": mu,
                 "lr": lr,
                 "loss": mean_loss,
-                "penalty": float(pen_sum) / max(seen, 1),
+                "penalty": pen_value,
                 "feasibility": alg.feasibility()["total"],
                 "seconds": time.perf_counter() - ts,
                 **_sizes(alg.size_report()),
