@@ -290,6 +290,39 @@ def test_sigint_to_torchrun_stops_every_rank_and_resume_under_torchrun_finishes(
     S.assert_same(without_times(results(run)), without_times(results(uninterrupted)), "results")
 
 
+def test_dropout_draws_differ_across_ranks_and_resume_bit_for_bit(setup, tmp_path):
+    """Each rank has its own RNG stream for the model's randomness (its shard must not reuse the other rank's
+    dropout masks), the checkpoint keeps every rank's state, and a run killed inside L step 3 resumes to exactly
+    what an uninterrupted launch ends with."""
+    import tomllib
+
+    root, cfg, _ = setup
+    raw = tomllib.loads(cfg.read_text())
+    raw["model"]["args"]["dropout"] = 0.1
+    dcfg = S.write_config(tmp_path / "cfg_dropout.toml", raw)
+    full = tmp_path / "full"
+    rc, _, err = launch(["compress", str(dcfg), "--out", str(full), "-q"], root, tmp_path)
+    assert rc == 0, err
+    states = torch.load(full / "checkpoint.pt", weights_only=True)["rng"]["torch"]
+    assert isinstance(states, list) and len(states) == WORLD and not torch.equal(states[0], states[1])
+
+    run, trace, go = tmp_path / "run", tmp_path / "trace", tmp_path / "go"
+    killed = Launch(["compress", str(dcfg), "--out", str(run), "-q"], root, tmp_path,
+                    LCTEST_TRACE=str(trace), LCTEST_PAUSE_AT=str(PAUSE_AT), LCTEST_GO=str(go))
+    try:
+        killed.wait_for(lambda: Path(f"{trace}.paused").exists())
+    finally:
+        killed.kill()  # inside L step 3: the checkpoint holds step 2
+    assert int(torch.load(run / "checkpoint.pt", weights_only=True)["step"]) == 2
+    rc, _, err = launch(["compress", "--resume", str(run), "-q"], root, tmp_path)
+    assert rc == 0, err
+    S.assert_same(lc_state(run), lc_state(full), "lc_state")
+    S.assert_same(model_state(run), model_state(full), "model")
+    S.assert_same(without_times(results(run)), without_times(results(full)), "results")
+    # and dropout made a difference: the run is not the dropout-free one
+    assert not torch.equal(model_state(full)["fc1.weight"], model_state(setup[2])["fc1.weight"])
+
+
 def test_ranks_that_find_different_checkpoints_refuse_to_resume(setup, tmp_path):
     """Every rank reads the run directory itself. Where the ranks do not see the same one (no shared filesystem,
     or a copy that is not up to date) they must stop with an error instead of training from different states and

@@ -215,6 +215,33 @@ def _flag_device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
 
 
+def _rank_seed(seed: int, rank: int) -> int:
+    """Seed of a rank's global RNG (dropout and other model randomness): distinct per rank, seed + 2 on rank 0."""
+    return seed + 2 + 1_000_003 * rank
+
+
+def _all_rank_states(state: torch.Tensor, world: int) -> torch.Tensor | list[torch.Tensor]:
+    """This rank's RNG state, or with several ranks every rank's (a collective: every rank calls it)."""
+    if world == 1:
+        return state
+    import torch.distributed as dist
+
+    dev = _flag_device()
+    out = [torch.empty_like(state, device=dev) for _ in range(world)]
+    dist.all_gather(out, state.to(dev))
+    return [t.cpu() for t in out]
+
+
+def _this_rank_state(saved: Any, rank: int, world: int, what: str) -> torch.Tensor:
+    """The RNG state a checkpoint holds for this rank (checkpoints of one process hold a single state)."""
+    states = saved if isinstance(saved, list) else [saved]
+    if len(states) != world:
+        logger.warning("the checkpoint holds %d %s RNG state(s) for %d rank(s): rank %d takes state %d, so random "
+                       "draws (dropout) are not resumed bit for bit", len(states), what, world, rank,
+                       rank % len(states))
+    return states[rank % len(states)]
+
+
 def _check_same_start(start: int, out: Path) -> None:
     """Every rank read the run directory itself: make sure they all resume after the same LC step (a directory
     that not every rank sees, or sees at a different state, would otherwise make them diverge or hang)."""
@@ -379,9 +406,11 @@ def run_compress(
         del dc_alg
         logger.info("reference test error %.2f%%, direct compression %.2f%% (ratio %.2f)", ref_error, dc_error,
                     dc_sizes["ratio"])
-        torch.manual_seed(cfg.seed + 2)
+        # each rank its own stream for the model's randomness (dropout): ranks see different samples and must not
+        # share masks; rank 0 (and a single process) keeps seed + 2
+        torch.manual_seed(_rank_seed(cfg.seed, rank))
         if device.type == "cuda":
-            torch.cuda.manual_seed(cfg.seed + 2)
+            torch.cuda.manual_seed(_rank_seed(cfg.seed, rank))
         results: dict[str, Any] = {
             "name": cfg.name,
             "config": cfg_dict,
@@ -401,9 +430,9 @@ def run_compress(
             changed = f" (changed: {'; '.join(diff)})" if diff else ""
             raise ConfigError(f"{ckpt_path}: cannot resume it with this config{changed}: {_one_line(e)}") from None
         gen.set_state(ck["rng"]["batches"])
-        torch.set_rng_state(ck["rng"]["torch"])
+        torch.set_rng_state(_this_rank_state(ck["rng"]["torch"], rank, world, "torch"))
         if device.type == "cuda" and ck["rng"].get("cuda") is not None:
-            torch.cuda.set_rng_state(ck["rng"]["cuda"], device)
+            torch.cuda.set_rng_state(_this_rank_state(ck["rng"]["cuda"], rank, world, "cuda"), device)
         results = json.loads(ck["results"])
         start = int(ck["step"])
         if diff:
@@ -509,6 +538,8 @@ def run_compress(
                 step + 1, len(mus), mu, lr, mean_loss, rec["feasibility"],
                 f"{rec['test_error']:.2f}%" if "test_error" in rec else "-", rec["ratio"],
             )
+            rng_torch = _all_rank_states(torch.get_rng_state(), world)
+            rng_cuda = _all_rank_states(torch.cuda.get_rng_state(device), world) if device.type == "cuda" else None
             if writer:
                 # the checkpoint first: results.json never shows a step that a resume would run again
                 atomic_save(
@@ -521,8 +552,8 @@ def run_compress(
                         "lc": alg.state_dict(),
                         "rng": {
                             "batches": gen.get_state(),
-                            "torch": torch.get_rng_state(),
-                            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+                            "torch": rng_torch,  # one state per rank (a single tensor for one process)
+                            "cuda": rng_cuda,
                         },
                         "results": json.dumps(results),
                     },
