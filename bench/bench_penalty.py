@@ -94,18 +94,18 @@ class Variant:
     def epoch(self, xs: torch.Tensor, ys: torch.Tensor, batch: int) -> tuple[float, float]:
         """(wall, process CPU) seconds of one epoch."""
         model, opt, alg, mu = self.model, self.opt, self.alg, self.mu
-        grad_form = self.kind.endswith("_grad")
+        use_grad = self.kind.endswith("_grad")
         n = xs.shape[0]
         c0 = time.process_time()
         t0 = time.perf_counter()
         for i in range(0, n, batch):
             x, y = xs[i : i + batch], ys[i : i + batch]
             loss = F.cross_entropy(model(x), y)
-            if alg is not None and not grad_form:
+            if alg is not None and not use_grad:
                 loss = loss + alg.penalty(mu)
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            if grad_form:
+            if use_grad:
                 alg.penalty_grad_(mu)
             opt.step()
         return time.perf_counter() - t0, time.process_time() - c0

@@ -255,17 +255,7 @@ def kmeans_1d_exact(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor
         labels_sorted = torch.searchsorted(uniq, xs)
         return codebook, _unsort(labels_sorted, perm)
 
-    # Prefix sums in float64: the DP compares differences S[i] - S[m] of prefix
-    # sums over up to n ~ 1e6 terms, and float32 would lose most significant
-    # digits there (catastrophic cancellation), making the "exact" optimum
-    # wrong.  This is the one place float64 is needed.  The data are centred
-    # first so that the prefix sums stay small.
-    x64 = xs.to(torch.float64)
-    shift = x64.mean()
-    x64 -= shift
-    S = torch.zeros(n + 1, dtype=torch.float64, device=dev)
-    torch.cumsum(x64, 0, out=S[1:])
-    del x64
+    S, _, shift = _centred_prefix_sums(xs)  # float64, centred: see there
 
     splits = _optimal_splits(S, k)  # python list of k+1 boundaries
     bounds = torch.tensor(splits, dtype=torch.int64, device=dev)
@@ -299,11 +289,7 @@ def _optimal_splits(S: torch.Tensor, k: int) -> list[int]:
     dev = S.device
     if k == 1:
         return [0, n]
-    rows = torch.arange(1, n + 1, device=dev, dtype=torch.float64)
-    # Layer 1: one block [0, i): E_1(i) = -S[i]^2 / i.
-    E1 = torch.full((n + 1,), math.inf, dtype=torch.float64, device=dev)
-    E1[1:] = -(S[1:] * S[1:]) / rows
-    del rows
+    E1 = _first_layer(S)
     solver = _LayerSolver(S)
     Ep = solver.pad_values(E1)
     del E1
@@ -337,25 +323,17 @@ def prefix_tables(xs: torch.Tensor, k: int) -> tuple[torch.Tensor, list[torch.Te
         ``xs[:i]`` split into exactly j contiguous groups (+inf where i < j; ``sse[0, 0] = 0``);
         ``opts``: for j = 2..k, the layer's split table (``opts[j - 2][i]`` = start of the last group of the best
         j-group partition of ``xs[:i]``), for :func:`prefix_groups`;
-        ``S``: the float64 prefix sums of the centred data, with its shift appended (for the group means).
+        ``S`` and ``shift``: the float64 prefix sums of the data centred by ``shift`` (a group's mean is
+        ``(S[b] - S[a]) / (b - a) + shift``).
     """
     n = xs.numel()
     dev = xs.device
-    x64 = xs.to(torch.float64)
-    shift = x64.mean()
-    x64 = x64 - shift
-    S = torch.zeros(n + 1, dtype=torch.float64, device=dev)
-    torch.cumsum(x64, 0, out=S[1:])
-    Q = torch.zeros(n + 1, dtype=torch.float64, device=dev)
-    torch.cumsum(x64 * x64, 0, out=Q[1:])
-    del x64
+    S, Q, shift = _centred_prefix_sums(xs, squares=True)
     sse = torch.full((k + 1, n + 1), math.inf, dtype=torch.float64, device=dev)
     sse[0, 0] = 0.0
     opts: list[torch.Tensor] = []
     if k >= 1 and n >= 1:
-        rows = torch.arange(1, n + 1, device=dev, dtype=torch.float64)
-        E = torch.full((n + 1,), math.inf, dtype=torch.float64, device=dev)
-        E[1:] = -(S[1:] * S[1:]) / rows
+        E = _first_layer(S)
         sse[1, 1:] = Q[1:] + E[1:]
         solver = _LayerSolver(S)
         Ep = solver.pad_values(E)
@@ -365,7 +343,37 @@ def prefix_tables(xs: torch.Tensor, k: int) -> tuple[torch.Tensor, list[torch.Te
             sse[j, j:] = Q[j:] + Ep[solver.P + j :]
     # rounding can leave a tiny negative cost for a perfectly fitting prefix
     sse.clamp_(min=0.0)
-    return sse, opts, torch.cat([S, shift.reshape(1)])
+    return sse, opts, S, shift
+
+
+def _centred_prefix_sums(
+    xs: torch.Tensor, squares: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """(S, Q, shift): float64 prefix sums of xs − shift (and of its squares when ``squares``), shift = mean(xs).
+
+    float64 because the DP compares differences S[i] − S[m] over up to n ~ 1e6 terms, where float32 would lose most
+    significant digits (catastrophic cancellation) and the "exact" optimum would be wrong; centring keeps the sums
+    small. This is the one place float64 is needed.
+    """
+    n = xs.numel()
+    x64 = xs.to(torch.float64)
+    shift = x64.mean()
+    x64 -= shift
+    S = torch.zeros(n + 1, dtype=torch.float64, device=xs.device)
+    torch.cumsum(x64, 0, out=S[1:])
+    Q = None
+    if squares:
+        Q = torch.zeros(n + 1, dtype=torch.float64, device=xs.device)
+        torch.cumsum(x64 * x64, 0, out=Q[1:])
+    return S, Q, shift
+
+
+def _first_layer(S: torch.Tensor) -> torch.Tensor:
+    """Layer 1 of the DP: one block [0, i), E_1(i) = −S[i]² / i (+inf at i = 0)."""
+    n = S.numel() - 1
+    E1 = torch.full((n + 1,), math.inf, dtype=torch.float64, device=S.device)
+    E1[1:] = -(S[1:] * S[1:]) / torch.arange(1, n + 1, device=S.device, dtype=torch.float64)
+    return E1
 
 
 def prefix_groups(opts: list[torch.Tensor], i: int, j: int) -> list[int]:

@@ -460,6 +460,7 @@ def run_compress(
         bar = tqdm(total=len(mus) * cfg.schedule.epochs_per_step * n_batches, initial=start * cfg.schedule.epochs_per_step * n_batches,
                    desc=cfg.name, unit="batch", dynamic_ncols=True)
     batch_no = 0  # minibatches this process has trained, for the stop poll's cadence
+    grad_form = cfg.lc.penalty == "grad"  # the penalty's gradient added after backward, not through the loss
     try:
         for step in range(start, len(mus)):
             mu = mus[step]
@@ -473,7 +474,6 @@ def run_compress(
             loss_sum = torch.zeros((), device=device)
             pen_sum = torch.zeros((), device=device)
             seen = 0
-            grad_form = cfg.lc.penalty == "grad"
             for _ in range(cfg.schedule.epochs_per_step):
                 for xb, yb in batches(x_train, y_train, per_rank_batch, shuffle=True, generator=gen, rank=rank, world_size=world):
                     loss = F.cross_entropy(ddp_model(xb), yb)

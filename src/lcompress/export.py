@@ -330,6 +330,16 @@ def _encode(comp: Compression, wr: _Writer, where: str) -> tuple[dict[str, Any],
     raise TypeError(f"{where}: the .lcz format has no encoding for {type(comp).__name__}")
 
 
+def _read_codes(rd: _Reader, rec: Mapping[str, Any], n: int, width: int, where: str) -> Tensor:
+    """The n bit-packed codes of ``rec["codes"]`` (all zero, and not stored, when ``width`` is 0)."""
+    return torch.from_numpy(unpack_bits(rd.np("theta", rec["codes"], where), n, width) if width else np.zeros(n, np.uint8))
+
+
+def _check_codes(codes: Tensor, entries: int, where: str) -> None:
+    if codes.numel() and int(codes.max()) >= entries:
+        raise ValueError(f"corrupted .lcz payload: {where} has a code beyond its {entries}-entry codebook")
+
+
 def _decode(rec: Any, rd: _Reader, config: Mapping[str, Any], where: str) -> dict[str, Any]:
     """Θ (in the compression's own layout) from a record."""
     if not isinstance(rec, dict):
@@ -343,7 +353,7 @@ def _decode(rec: Any, rd: _Reader, config: Mapping[str, Any], where: str) -> dic
             n, k, width = int(rec["n"]), int(rec["k"]), int(rec["width"])
             if width != index_bits(k):
                 raise ValueError(f"corrupted .lcz header: {where} codes of {width} bits for K={k}")
-            codes = unpack_bits(rd.np("theta", rec["codes"], where), n, width) if width else np.zeros(n, np.uint8)
+            codes_t = _read_codes(rd, rec, n, width, where)
             if rec["store"] == "all":
                 cb = _bytes_tensor(rd.seg("theta", rec["codebook"], where), torch.float32, [int(rec["entries"])], where)
             elif rec["store"] == "scale":
@@ -352,9 +362,7 @@ def _decode(rec: Any, rd: _Reader, config: Mapping[str, Any], where: str) -> dic
                 cb = _fixed_codebook(config)
             else:
                 raise ValueError(f"corrupted .lcz header: {where} has codebook store {rec['store']!r}")
-            codes_t = torch.from_numpy(codes)
-            if codes_t.numel() and int(codes_t.max()) >= cb.numel():
-                raise ValueError(f"corrupted .lcz payload: {where} has a code beyond its {cb.numel()}-entry codebook")
+            _check_codes(codes_t, cb.numel(), where)
             return {"codebook": cb, "codes": codes_t if k <= 256 else codes_t.long()}
         if kind == "sparse":
             n, nnz = int(rec["n"]), int(rec["nnz"])
@@ -364,10 +372,8 @@ def _decode(rec: Any, rd: _Reader, config: Mapping[str, Any], where: str) -> dic
                 if entries < 1 or cw != index_bits(entries):
                     raise ValueError(f"corrupted .lcz header: {where} codes of {cw} bits for {entries} entries")
                 cb = _bytes_tensor(rd.seg("theta", rec["codebook"], where), torch.float32, [entries], where)
-                codes = unpack_bits(rd.np("theta", rec["codes"], where), nnz, cw) if cw else np.zeros(nnz, np.uint8)
-                codes_t = torch.from_numpy(codes.astype(np.uint8))
-                if codes_t.numel() and int(codes_t.max()) >= entries:
-                    raise ValueError(f"corrupted .lcz payload: {where} has a code beyond its {entries}-entry codebook")
+                codes_t = _read_codes(rd, rec, nnz, cw, where).to(torch.uint8)
+                _check_codes(codes_t, entries, where)
                 vals = cb[codes_t.long()]
                 extra = {"codebook": cb, "codes": codes_t}
             else:

@@ -414,8 +414,8 @@ def sparse_codebook(
         return nothing
     left = xs[:n_left]
     right = -xs[n - n_right :].flip(0)  # the n_right largest values, negated and ascending
-    pre, pre_opts, pre_s = prefix_tables(left, k)
-    suf, suf_opts, suf_s = prefix_tables(right, k)
+    pre, pre_opts, pre_s, pre_shift = prefix_tables(left, k)
+    suf, suf_opts, suf_s, suf_shift = prefix_tables(right, k)
     pre_best, pre_j = torch.cummin(pre, 0)  # at most j groups (fewer when that is as good)
     suf_best, suf_j = torch.cummin(suf, 0)
 
@@ -447,11 +447,11 @@ def sparse_codebook(
     g = prefix_groups(pre_opts, l, j1)
     for b0, b1 in zip(g[:-1], g[1:]):
         bounds.append((b0, b1))
-        means.append((pre_s[b1] - pre_s[b0]) / (b1 - b0) + pre_s[-1])
+        means.append((pre_s[b1] - pre_s[b0]) / (b1 - b0) + pre_shift)
     g = prefix_groups(suf_opts, m, j2)
     for b0, b1 in zip(g[:-1], g[1:]):
         bounds.append((n - b1, n - b0))
-        means.append(-((suf_s[b1] - suf_s[b0]) / (b1 - b0) + suf_s[-1]))
+        means.append(-((suf_s[b1] - suf_s[b0]) / (b1 - b0) + suf_shift))
     if not means:
         return nothing
     cb = torch.stack(means).to(xf.dtype)

@@ -189,8 +189,8 @@ class _PenaltyPruning(_Sparse):
     penalty_form = True
     _threshold = staticmethod(F.hard_threshold)
 
-    def __init__(self, alpha: float, value_dtype="float32") -> None:
-        super().__init__(value_dtype)
+    def __init__(self, alpha: float, value_dtype="float32", value_codebook: int | None = None) -> None:
+        super().__init__(value_dtype, value_codebook)
         self.alpha = check_float("alpha", alpha, low=0.0)
 
     def _config(self):
@@ -214,10 +214,6 @@ class PenaltyL0Pruning(_PenaltyPruning):
 
     _threshold = staticmethod(F.hard_threshold)
 
-    def __init__(self, alpha: float, value_dtype="float32", value_codebook: int | None = None) -> None:
-        _Sparse.__init__(self, value_dtype, value_codebook)
-        self.alpha = check_float("alpha", alpha, low=0.0)
-
     def _compress(self, w: Tensor, mu: float) -> Tensor:
         if self.value_codebook is None:
             return super()._compress(w, mu)
@@ -234,3 +230,6 @@ class PenaltyL1Pruning(_PenaltyPruning):
     """
 
     _threshold = staticmethod(F.soft_threshold)
+
+    def __init__(self, alpha: float, value_dtype="float32") -> None:  # no codebook form for ℓ1
+        super().__init__(alpha, value_dtype)
