@@ -149,14 +149,18 @@ def test_lowrank_is_eckart_young():
 def test_rank_selection_minimizes_its_objective():
     w = torch.randn(12, 9)
     s = torch.linalg.svdvals(w.double())
-    for alpha, mu in [(1e-3, 1.0), (1e-2, 1.0), (1e-1, 10.0)]:
+    for alpha, mu in [(1e-3, 1.0), (1e-2, 1.0), (1e-1, 10.0), (3.0, 1.0)]:
         c = lc.RankSelection(alpha=alpha)
         out = c.compress(w, mu)
-        r = c.selected_rank
-        # ranks whose factors outgrow the 12×9 matrix (r·21 ≥ 108) are not offered by default
-        objs = [alpha * q * 21 + mu / 2 * float((s[q:] ** 2).sum()) for q in range(6)]
-        assert objs[r] == pytest.approx(min(objs), rel=1e-5)
-        assert int(torch.linalg.matrix_rank(out)) == r if r else float(out.abs().max()) == 0.0
+        # every rank, and the matrix kept dense (108 parameters, no distortion)
+        objs = {q: alpha * q * 21 + mu / 2 * float((s[q:] ** 2).sum()) for q in range(10)}
+        objs["dense"] = alpha * 108
+        choice = "dense" if c.keeps_dense else c.selected_rank
+        assert objs[choice] == pytest.approx(min(objs.values()), rel=1e-5)
+        if c.keeps_dense:
+            assert torch.equal(out, w)
+        else:
+            assert int(torch.linalg.matrix_rank(out)) == choice if choice else float(out.abs().max()) == 0.0
     c = lc.RankSelection(alpha=1e-3, criterion="flops", positions=10)
     assert c.cost_per_rank((12, 9)) == 210.0
     assert c.rank_limit((12, 9)) == 5 and lc.RankSelection(alpha=0, max_rank=9).rank_limit((12, 9)) == 9

@@ -23,7 +23,8 @@ blob. Each Θ piece is a byte-aligned segment ``[offset, length]``:
 * pruning ``{"kind": "sparse"}``: the nonzero values at their dtype (or, with ``value_codebook``, their
   ⌈log₂ K⌉-bit codes and the K float32 codebook entries), and the support coded as chosen by
   :func:`lcompress.sizes.support_bits`, an n-bit mask or b-bit delta symbols (all-ones = skip 2ᵇ − 1);
-* low rank ``{"kind": "factors"}``: A and B at their dtype;
+* low rank ``{"kind": "factors"}``: A and B at their dtype, or (a rank selection that kept the matrix dense)
+  ``"dense"``: the matrix view at the weights' dtype;
 * additive combinations ``{"kind": "sum", "parts": [...]}``, recursively.
 
 So the payload is exactly the bits of :meth:`lcompress.LC.size_report` rounded up to whole bytes per segment,
@@ -322,7 +323,7 @@ def _encode(comp: Compression, wr: _Writer, where: str) -> tuple[dict[str, Any],
     if isinstance(comp, _Factors):
         rec = {"kind": "factors"}
         bits = 0
-        for key in ("A", "B"):
+        for key in ("dense",) if "dense" in th else ("A", "B"):
             t = th[key].detach().cpu()
             rec[key] = {"dtype": _dtype_name(t.dtype), "shape": list(t.shape), "seg": wr.add("theta", _tensor_bytes(t))}
             bits += dense_bits(t)
@@ -392,9 +393,13 @@ def _decode(rec: Any, rd: _Reader, config: Mapping[str, Any], where: str) -> dic
             return {"indices": torch.from_numpy(idx.astype(np.int64)), "values": vals, "n": n, **extra}
         if kind == "factors":
             out = {}
-            for key in ("A", "B"):
+            for key in ("dense",) if "dense" in rec else ("A", "B"):
                 r = rec[key]
                 out[key] = _bytes_tensor(rd.seg("theta", r["seg"], where), _dtype(r["dtype"], where), r["shape"], where)
+            if "dense" in out:
+                if out["dense"].dim() != 2:
+                    raise ValueError(f"corrupted .lcz header: {where} has a dense matrix of shape {out['dense'].shape}")
+                return out
             if out["A"].dim() != 2 or out["B"].dim() != 2 or out["A"].shape[1] != out["B"].shape[0]:
                 raise ValueError(f"corrupted .lcz header: {where} has factors {out['A'].shape} and {out['B'].shape}")
             return out
@@ -423,6 +428,10 @@ def _delta(theta: Mapping[str, Any], view: Sequence[int]) -> Tensor:
         if codes.numel() != n:
             raise ValueError(f"corrupted .lcz header: {codes.numel()} codes for a view of {n} weights")
         return theta["codebook"][codes.long()].reshape(tuple(view))
+    if "dense" in theta:  # a rank selection that kept the matrix dense
+        if tuple(theta["dense"].shape) != tuple(view):
+            raise ValueError(f"corrupted .lcz header: a dense matrix {tuple(theta['dense'].shape)} for a view {tuple(view)}")
+        return theta["dense"]  # at its own dtype: a float64 matrix stays exact
     a, b = theta["A"], theta["B"]
     if (a.shape[0], b.shape[1]) != tuple(view):
         raise ValueError(f"corrupted .lcz header: factors {tuple(a.shape)} @ {tuple(b.shape)} for a view {tuple(view)}")

@@ -528,17 +528,51 @@ def truncated_svd(w: Tensor, rank: int) -> tuple[Tensor, Tensor]:
     return u[:, :rank] * s[:rank], vh[:rank]
 
 
-def rank_select(s: Tensor, alpha: float, mu: float, cost_per_rank: float) -> int:
-    """argmin over r ∈ {0, …, len(s)} of α·cost_per_rank·r + μ/2 Σ_{i>r} sᵢ² (s sorted descending).
+def rank_select(
+    s: Tensor,
+    alpha: float,
+    mu: float,
+    cost_per_rank: float,
+    max_rank: int | None = None,
+    dense_cost: float | None = None,
+) -> int | None:
+    """The penalty-form rank selection C step, solved exactly by enumerating every choice.
 
-    The penalty-form rank selection C step: the exact minimiser by enumerating every rank.
-    μ → 0⁺ (``mu <= 0``) gives r = 0.
+    Over the ranks r ∈ {0, …, R} (R = ``max_rank``, default len(s)) and, when ``dense_cost`` is given, the dense
+    matrix D kept as it is::
+
+        min( min_r α·cost_per_rank·r + μ/2 Σ_{i>r} sᵢ²,   α·dense_cost )
+
+    (the dense matrix has no distortion). ``s`` holds *all* singular values, sorted descending: the distortion of
+    rank r is the whole tail beyond r. Sums are in float64, so squares of singular values beyond float32's range
+    (> 1.8e19) stay finite. Ties go to the smaller rank, and to a rank over the dense matrix. μ → 0⁺ (``mu <= 0``)
+    gives r = 0.
+
+    Args:
+        s: singular values, descending (any float dtype).
+        alpha: α ≥ 0, the weight of the cost.
+        mu: μ ≥ 0.
+        cost_per_rank: C(r) / r, e.g. m + n parameters per rank.
+        max_rank: the largest rank offered (≤ len(s)).
+        dense_cost: C(dense), e.g. m·n parameters; None offers no dense choice.
+
+    Returns:
+        the selected rank r, or None for the dense matrix.
+
+    >>> rank_select(torch.tensor([3.0, 1.0]), alpha=0.1, mu=1.0, cost_per_rank=12)
+    1
+    >>> rank_select(torch.tensor([3.0, 3.0]), alpha=0.1, mu=1.0, cost_per_rank=4, max_rank=0, dense_cost=4) is None
+    True
     """
     if mu <= 0:
         return 0
-    s2 = (s.to(torch.float32) ** 2).flip(0)
-    # tail[r] = Σ_{i ≥ r} s_i² for r = 0..R (tail[R] = 0)
-    tail = torch.cat([torch.cumsum(s2, 0).flip(0), s2.new_zeros(1)])
-    r = torch.arange(tail.numel(), device=s.device, dtype=tail.dtype)
-    obj = alpha * cost_per_rank * r + 0.5 * mu * tail
-    return int(torch.argmin(obj))
+    top = s.numel() if max_rank is None else min(int(max_rank), s.numel())
+    s2 = s.detach().to(torch.float64).square().flip(0)
+    # tail[r] = Σ_{i ≥ r} s_i² for r = 0..len(s) (tail[len(s)] = 0), summed from the smallest for accuracy
+    tail = torch.cat([torch.cumsum(s2, 0).flip(0), s2.new_zeros(1)])[: top + 1]
+    r = torch.arange(top + 1, device=s.device, dtype=torch.float64)
+    obj = (alpha * float(cost_per_rank)) * r + (0.5 * mu) * tail
+    best = int(torch.argmin(obj))
+    if dense_cost is not None and alpha * float(dense_cost) < float(obj[best]):
+        return None
+    return best

@@ -463,6 +463,8 @@ def task_specs(
     * ``{"indices", "values", "n"}`` → ``{"kind": "sparse", "indices", "values"}`` per parameter, each with the
       indices into its own flattened weight (a joint pruning task becomes per-layer sparse weights);
     * ``{"A", "B"}`` (one parameter) → ``{"kind": "lowrank", "A", "B", "conv_scheme"}``;
+    * ``{"dense"}`` (a rank selection that kept the matrix dense) → no entry: the layer stays a plain
+      ``nn.Linear`` / ``nn.Conv2d`` holding Δ(Θ) = the matrix;
     * anything else (e.g. an additive combination) → no entry: the layer stays dense with Δ(Θ) as its weight.
 
     Args:

@@ -1,4 +1,5 @@
-"""Low-rank: W ≈ A B with A (m×r) and B (r×n); fixed rank or rank selected by a storage/FLOPs penalty."""
+"""Low-rank: W ≈ A B with A (m×r) and B (r×n); fixed rank or rank selected by a storage/FLOPs penalty (which may
+also keep the matrix dense)."""
 from __future__ import annotations
 
 from typing import Any
@@ -62,7 +63,8 @@ def from_matrix(m: Tensor, shape: tuple[int, ...], conv_scheme: str = "scheme_1"
 
 
 class _Factors(Compression):
-    """Θ = {A (m×r), B (r×n)}; Δ = A @ B. Works on the matrix view chosen by ``conv_scheme``."""
+    """Θ = {A (m×r), B (r×n)} with Δ = A @ B, or (rank selection only) Θ = {dense (m×n)} with Δ = dense: the
+    matrix kept as it is, at the weights' dtype. Works on the matrix view chosen by ``conv_scheme``."""
 
     matrix = True
 
@@ -83,19 +85,28 @@ class _Factors(Compression):
 
     def _decompress(self) -> Tensor:
         th = self._theta
+        if "dense" in th:
+            return th["dense"].float().reshape(self._shape)
         return (th["A"] @ th["B"]).reshape(self._shape)
 
     @property
+    def keeps_dense(self) -> bool:
+        """True when the last C step kept the matrix dense instead of factorizing it."""
+        return "dense" in self.theta
+
+    @property
     def selected_rank(self) -> int:
-        return int(self.theta["A"].shape[1])
+        """The rank r of the factors; min(m, n) (the most a dense matrix can have) when the matrix is kept dense."""
+        th = self.theta
+        if "dense" in th:
+            return min(th["dense"].shape)
+        return int(th["A"].shape[1])
 
     def count_params(self) -> int:
-        th = self.theta
-        return th["A"].numel() + th["B"].numel()
+        return sum(t.numel() for t in self.theta.values())
 
     def count_bits(self) -> int:
-        th = self.theta
-        return th["A"].numel() * dtype_bits(th["A"].dtype) + th["B"].numel() * dtype_bits(th["B"].dtype)
+        return sum(t.numel() * dtype_bits(t.dtype) for t in self.theta.values())
 
 
 class LowRank(_Factors):
@@ -127,19 +138,27 @@ class LowRank(_Factors):
 
 
 class RankSelection(_Factors):
-    """Rank selection, penalty form: min_r α·C(r) + μ/2 ‖W − W_r‖²_F, W_r the best rank-r approximation.
+    """Rank selection, penalty form: the exact minimiser of α·C + μ/2 ‖W − Δ‖²_F over two kinds of Δ:
 
-    Exact by enumerating every r over the singular values. C(r) = r·(m + n) parameters ("storage") or that times
-    the layer's output positions per sample ("flops": 1 for a Linear layer, H_out·W_out for a conv layer).
-    At μ → 0⁺ the rank is 0; it rises as μ grows.
+    * Δ = W_r, the best rank-r approximation (truncated SVD), 0 ≤ r ≤ R, at cost C(r) = r·(m + n);
+    * Δ = W itself, the matrix kept dense, at cost C = m·n and no distortion.
+
+    C counts parameters ("storage"), or multiply-adds ("flops"): the same times the layer's output positions per
+    sample (1 for a Linear layer, H_out·W_out for a conv layer). Every choice is enumerated over the singular
+    values. At μ → 0⁺ the rank is 0; it rises as μ grows, and a layer whose spectrum is too flat to factorize
+    profitably is kept dense (Θ = {"dense": W}, stored at the weights' dtype and loaded as a plain layer).
+
+    Ranks with r·(m + n) ≥ m·n cost at least as much as the dense matrix and distort at least as much, so the
+    dense choice makes them redundant: by default R is the largest rank with r·(m + n) < m·n, and the result is
+    the exact minimiser over every rank 0 ≤ r ≤ min(m, n) and the dense matrix.
 
     Args:
         alpha: the penalty weight α ≥ 0 (α per parameter, or per multiply-add for "flops").
         criterion: "storage" or "flops".
         conv_scheme: matrix view of a conv weight, as for :class:`LowRank`.
         positions: output positions per sample for the "flops" criterion (required for conv weights).
-        max_rank: upper bound on r. By default only ranks whose factors are smaller than the dense matrix,
-            r·(m + n) < m·n, are offered: a larger rank would store (and compute) more than not compressing.
+        max_rank: upper bound R on the rank of the factors (capped at min(m, n)). It bounds the factorization
+            only: keeping the matrix dense stays a choice (use :class:`LowRank` to force a factorization).
     """
 
     penalty_form = True
@@ -170,22 +189,41 @@ class RankSelection(_Factors):
         }
 
     def rank_limit(self, shape) -> int:
-        """Largest rank offered for an m×n matrix view."""
+        """Largest rank of the factors offered for an m×n matrix view (the dense matrix is offered as well)."""
         m, n = shape
         if self.max_rank is not None:
             return min(self.max_rank, m, n)
         return min((m * n - 1) // (m + n), m, n)
 
+    def _per_param(self) -> float:
+        return float(self.positions or 1) if self.criterion == "flops" else 1.0
+
     def cost_per_rank(self, shape) -> float:
+        """C(r) / r for an m×n matrix view: m + n (times the output positions for "flops")."""
         m, n = shape
-        c = float(m + n)
-        if self.criterion == "flops":
-            c *= self.positions or 1
-        return c
+        return float(m + n) * self._per_param()
+
+    def dense_cost(self, shape) -> float:
+        """C of keeping an m×n matrix view dense: m·n (times the output positions for "flops")."""
+        m, n = shape
+        return float(m * n) * self._per_param()
+
+    def compress(self, w: Tensor, mu: float = 0.0, *, check: bool = True) -> Tensor:
+        # a dense choice stores the input itself, at its own dtype (the SVD runs on a float32 copy)
+        self._input = w.detach() if isinstance(w, Tensor) else None
+        try:
+            return super().compress(w, mu, check=check)
+        finally:
+            self._input = None
 
     def _compress(self, w: Tensor, mu: float) -> Tensor:
+        shape = tuple(w.shape)
         u, s, vh = torch.linalg.svd(w, full_matrices=False)
-        # the tail beyond the largest offered rank adds the same constant to every offered rank: leave it out
-        s_sel = s[: self.rank_limit(tuple(w.shape))]
-        r = F.rank_select(s_sel, self.alpha, mu, self.cost_per_rank(tuple(w.shape)))
+        r = F.rank_select(s, self.alpha, mu, self.cost_per_rank(shape), max_rank=self.rank_limit(shape),
+                          dense_cost=self.dense_cost(shape))
+        if r is None:
+            src = getattr(self, "_input", None)
+            dense = (w if src is None else src).clone(memory_format=torch.contiguous_format)
+            self._theta = {"dense": dense}
+            return dense.clone()  # at the input's dtype, so Δ = the input exactly (and Θ is not aliased)
         return self._set(u[:, :r] * s[:r], vh[:r])
