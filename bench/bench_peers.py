@@ -73,6 +73,9 @@ def main() -> None:
     p.add_argument("--runs", default=",".join(RUNS))
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--raw-centroid-grad", action="store_true",
+                   help="STE codebooks: the centroids' summed gradients instead of their members' mean (an ablation)")
+    p.add_argument("--prune-end", type=float, default=0.75, help="GMP: fraction of the run over which sparsity rises")
     p.add_argument("--reuse", default="", help="comma-separated JSON files of earlier runs to take records from")
     p.add_argument("--out", default=f"bench/peers_{datetime.date.today().isoformat()}.json")
     a = p.parse_args()
@@ -82,38 +85,44 @@ def main() -> None:
     runs = [tuple(r.split(":")) for r in a.runs.split(",")]
     for scheme, method in runs:
         if scheme not in SCHEMES or method not in METHODS:
-            sys.exit(f"--runs: unknown scheme:method {scheme}:{method} (schemes {list(SCHEMES)}, methods {list(METHODS)})")
+            sys.exit(f"--runs: unknown scheme:method {scheme}:{method} "
+                     f"(schemes {list(SCHEMES)}, methods {list(METHODS)})")
 
+    normalize = not a.raw_centroid_grad
     out = Path(a.out)
     result = header("lenet300 fashion-mnist peers", a.threads)
-    result.update(epochs=a.epochs, lr_grid=lrs, seeds=seeds, records=[], lc_direct_compression={})
+    result.update(epochs=a.epochs, prune_end=a.prune_end, lr_grid=lrs, seeds=seeds, records=[],
+                  lc_direct_compression={})
     done = {}
     # resume: keep the runs an earlier (interrupted) invocation finished, and those of --reuse files (e.g. from
     # invocations that ran other --runs in parallel)
     for f in ([out] if out.is_file() else []) + [Path(v) for v in a.reuse.split(",") if v]:
         for r in json.loads(f.read_text()).get("records", []):
-            key = (r["scheme"], r["method"], r["lr"], r["seed"], r["epochs"])
+            key = (r["scheme"], r["method"], r["lr"], r["seed"], r["epochs"], r.get("prune_end", 0.75),
+                   r.get("normalize_centroid_grad", True))
             if key not in done:
                 done[key] = r
                 result["records"].append(r)
 
     cfg = parse_config(scheme_config("quantize_all", a.reference))
     data = load_data(cfg)
-    ref, meta = prepare_reference(cfg, data, progress=False)
+    ref, _ = prepare_reference(cfg, data, progress=False)
     ref_error = evaluate(ref, data.x_test, data.y_test)
     result["reference"] = {"checkpoint": a.reference, "test_error": ref_error}
     log(f"reference {a.reference}: test error {ref_error:.2f}%")
 
     def run(scheme: str, method: str, lr: float, seed: int) -> dict:
-        key = (scheme, method, lr, seed, a.epochs)
+        key = (scheme, method, lr, seed, a.epochs, a.prune_end, normalize)
         if key in done:
             return done[key]
         tasks = scheme_tasks(scheme, method, a.reference)
         model = copy.deepcopy(ref)
-        res = train_peer(model, tasks, method, data, epochs=a.epochs, lr=lr, seed=seed)
+        res = train_peer(model, tasks, method, data, epochs=a.epochs, lr=lr, seed=seed, prune_end=a.prune_end,
+                         normalize_centroid_grad=normalize)
         rep = res.sizes
         rec = {
-            "scheme": scheme, "method": method, "lr": lr, "seed": seed, "epochs": a.epochs,
+            "scheme": scheme, "method": method, "lr": lr, "seed": seed, "epochs": a.epochs, "prune_end": a.prune_end,
+            "normalize_centroid_grad": normalize,
             "test_error": res.test_error,
             "compressed_bits": rep["compressed_bits"], "ratio": rep["ratio"],
             "task_bits": {r["task"]: r["bits"] for r in rep["tasks"]},
@@ -148,7 +157,9 @@ def main() -> None:
             "grid_seed": seeds[0], "grid": {str(k): v for k, v in grid.items()}, "best_lr": best,
             "errors": dict(zip(map(str, seeds), errs)), "mean_error": statistics.mean(errs),
             "std_error": statistics.stdev(errs) if len(errs) > 1 else 0.0,
-            "compressed_bits": done[(scheme, method, best, seeds[0], a.epochs)]["compressed_bits"],
+            "prune_end": a.prune_end if method in ("gmp", "ste_codebook_gmp") else None,
+            "normalize_centroid_grad": normalize if "codebook" in method else None,
+            "compressed_bits": run(scheme, method, best, seeds[0])["compressed_bits"],
             "lc_dc_bits": result["lc_direct_compression"][scheme]["compressed_bits"],
         })
         result["summary"] = summary

@@ -611,7 +611,9 @@ def train_peer(
             t += 1
         mean_loss = float(loss_sum) / max(seen, 1)
         if not math.isfinite(mean_loss):
-            raise FloatingPointError(f"{method}: training diverged in epoch {epoch + 1} (loss {mean_loss}); lower lr={lr}")
+            raise FloatingPointError(
+                f"{method}: training diverged in epoch {epoch + 1} (loss {mean_loss}); lower lr={lr}"
+            )
         rec: dict[str, Any] = {"epoch": epoch + 1, "lr": epoch_lr, "loss": mean_loss}
         if evaluate_every and ((epoch + 1) % evaluate_every == 0) and epoch + 1 < epochs:
             with peer.applied() as m:
