@@ -25,14 +25,15 @@ def _fsync_dir(path: Path) -> None:
 
 
 def atomic_write(path: str | Path, write: Callable[[BinaryIO], Any]) -> None:
-    """Call ``write(f)`` on ``path + ".tmp"``, flush and fsync it, then rename it over ``path``.
+    """Call ``write(f)`` on a temporary ``<path>.<pid>.<random>.tmp`` beside ``path`` (unique, so that two
+    writers never share one), flush and fsync it, then rename it over ``path``.
 
     On any error (or interruption) the temporary file is removed and ``path`` is left as it was.
     """
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
     try:
-        with open(tmp, "wb") as f:
+        with open(tmp, "xb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())

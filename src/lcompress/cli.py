@@ -369,10 +369,17 @@ def cmd_export(args) -> int:
 
 def cmd_inspect(args) -> int:
     from .demo import format_table
-    from .export import inspect
+    from .export import CorruptFileError, inspect
 
     _setup_logging(args.verbose, args.quiet)
-    info = inspect(args.file)
+    try:
+        info = inspect(args.file)
+    except (CorruptFileError, OSError) as e:  # a bad file is bad input: one line naming the file, no traceback
+        message = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
+        if args.file not in message:
+            message = f"{args.file}: {message}"
+        print(f"lcompress: error: {message}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     rows = info["tasks"] if isinstance(info, dict) else info
     if isinstance(info, dict):
         for k, v in info.items():

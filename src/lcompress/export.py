@@ -29,6 +29,25 @@ blob. Each Θ piece is a byte-aligned segment ``[offset, length]``:
 
 So the payload is exactly the bits of :meth:`lcompress.LC.size_report` rounded up to whole bytes per segment,
 and the file adds a header of a few hundred bytes to a few KiB.
+
+Reading a file that may be hostile (a sha256 is no signature: anyone can edit a file and recompute it), in this
+order, and nothing is allocated before the check that bounds it:
+
+1. the safetensors frame: its JSON table (at most :data:`FRAME_MAX_TOKENS` JSON tokens, a few dozen in a real
+   file) and the two blobs, which must tile the rest of the file exactly;
+2. the header is inflated through a bounded ``zlib.decompressobj``: at most :data:`HEADER_MAX_FIXED` +
+   :data:`HEADER_MAX_RATIO` × (file bytes) bytes of JSON (a real header is 0.03–0.3 × its file);
+3. the checksum is verified before the JSON is parsed, and the JSON may hold at most :data:`TOKENS_MAX_FIXED` +
+   :data:`TOKENS_MAX_RATIO` × (file bytes) tokens (``[ { , :``; parsing costs at most ~64 bytes a token);
+4. every field of the header is checked (types, ranges, every segment's exact length against what its record
+   says it holds and against its blob, every Θ against its task's view and the view against the parameters'
+   shapes), so decoding allocates only what the entries' shapes say the tensors take;
+5. :func:`load` checks the entries against the model's names, shapes and dtypes before decoding anything, so
+   a file never makes it allocate much more than the model's own size; :func:`inspect` decodes nothing;
+   :func:`read` decodes what the file claims and takes ``max_bytes`` to refuse a file that claims too much.
+
+Every problem found in a file raises :class:`CorruptFileError` (a ``ValueError``), whose message names the file
+and the field; a model that does not match a valid file raises its subclass :class:`ModelMismatchError`.
 """
 from __future__ import annotations
 
@@ -39,7 +58,6 @@ import logging
 import math
 import os
 import sys
-import tempfile
 import zlib
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -48,14 +66,18 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .compressions import AdditiveCombination, Compression, from_config
-from .compressions.lowrank import _Factors, from_matrix
+from ._io import atomic_write
+from .compressions import REGISTRY, AdditiveCombination, Compression, from_config
+from .compressions.lowrank import CONV_SCHEMES, _Factors, from_matrix, matrix_shape
 from .compressions.pruning import _Sparse
-from .compressions.quantization import _Codebook
+from .compressions.quantization import _Codebook, _FixedCodebook
 from .sizes import FLOAT_BITS, dense_bits, dtype_bits, index_bits, support_bits
 from .tasks import unwrap_model
 
-__all__ = ["FORMAT", "VERSION", "save", "load", "read", "inspect", "to_bytes", "pack_bits", "unpack_bits"]
+__all__ = [
+    "FORMAT", "VERSION", "CorruptFileError", "ModelMismatchError", "save", "load", "read", "inspect", "to_bytes",
+    "pack_bits", "unpack_bits",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +89,27 @@ BLOBS = ("dense", "theta")
 SIZE_SLACK = 0.02
 SIZE_FIXED = 4096
 
+#: Limits on what a file may make the reader parse (see the module docstring); a real file is far below them.
+FRAME_MAX_TOKENS = 256
+HEADER_MAX_FIXED = 1 << 20
+HEADER_MAX_RATIO = 32
+TOKENS_MAX_FIXED = 1 << 16
+TOKENS_MAX_RATIO = 2
+_MAX_SUM_DEPTH = 8  # additive combinations are flat (a + b + c has one level); nesting is refused beyond this
+_MAX_INT = 1 << 53  # no count, size or offset in a header is larger
+
 _CHUNK = 1 << 20  # values per chunk in the generic bit packer (a multiple of 8 keeps chunks byte-aligned)
+
+
+class CorruptFileError(ValueError):
+    """A file that is not a valid ``.lcz`` file: not one at all, truncated, a checksum mismatch, a newer format
+    version, a header whose fields are missing, of the wrong type or inconsistent with each other or with the
+    blobs, a payload that does not decode, or a file beyond the reader's limits. The message names the file and
+    the field."""
+
+
+class ModelMismatchError(CorruptFileError):
+    """:func:`load`: the file's parameter names, shapes or dtypes are not the model's (what differs is named)."""
 
 _DTYPES = {
     str(d).removeprefix("torch."): d
@@ -90,7 +132,7 @@ def _dtype_name(d: torch.dtype) -> str:
 
 def _dtype(name: Any, where: str) -> torch.dtype:
     if not isinstance(name, str) or name not in _DTYPES:
-        raise ValueError(f"corrupted .lcz header: {where} has unknown dtype {name!r}")
+        raise CorruptFileError(f"corrupted .lcz header: {where} has unknown dtype {name!r}")
     return _DTYPES[name]
 
 
@@ -200,12 +242,12 @@ def _delta_decode(sym: np.ndarray, width: int, nnz: int, n: int) -> np.ndarray:
     final = sym != m
     fpos = np.flatnonzero(final)
     if fpos.size != nnz or (sym.size and not final[-1]):
-        raise ValueError(f"corrupted .lcz payload: a delta-coded support decodes to {fpos.size} positions, not {nnz}")
+        raise CorruptFileError(f"corrupted .lcz payload: a delta-coded support decodes to {fpos.size} positions, not {nnz}")
     escapes = np.cumsum(~final)[fpos]
     gaps = np.diff(escapes, prepend=0).astype(np.int64) * m + sym[fpos].astype(np.int64)
     idx = np.cumsum(gaps + 1) - 1
     if idx.size and idx[-1] >= n:
-        raise ValueError(f"corrupted .lcz payload: a support position {int(idx[-1])} is beyond the length {n}")
+        raise CorruptFileError(f"corrupted .lcz payload: a support position {int(idx[-1])} is beyond the length {n}")
     return idx
 
 
@@ -217,7 +259,7 @@ def _tensor_bytes(t: Tensor) -> bytes:
 def _bytes_tensor(buf: Tensor, dtype: torch.dtype, shape: Sequence[int], where: str) -> Tensor:
     numel = math.prod(shape)
     if buf.numel() != numel * (dtype_bits(dtype) // 8):
-        raise ValueError(f"corrupted .lcz file: {where} has {buf.numel()} bytes, not {numel} × {dtype}")
+        raise CorruptFileError(f"corrupted .lcz file: {where} has {buf.numel()} bytes, not {numel} × {dtype}")
     return buf.clone().view(dtype).reshape(tuple(shape))
 
 
@@ -241,11 +283,11 @@ class _Reader:
 
     def seg(self, blob: str, rec: Any, where: str) -> Tensor:
         if not (isinstance(rec, list) and len(rec) == 2 and all(isinstance(x, int) and x >= 0 for x in rec)):
-            raise ValueError(f"corrupted .lcz header: {where} has a bad segment {rec!r}")
+            raise CorruptFileError(f"corrupted .lcz header: {where} has a bad segment {rec!r}")
         off, length = rec
         b = self.blobs[blob]
         if off + length > b.numel():
-            raise ValueError(
+            raise CorruptFileError(
                 f"corrupted .lcz file: {where} lies at bytes [{off}, {off + length}) of the {blob!r} blob "
                 f"of {b.numel()} bytes"
             )
@@ -338,13 +380,13 @@ def _read_codes(rd: _Reader, rec: Mapping[str, Any], n: int, width: int, where: 
 
 def _check_codes(codes: Tensor, entries: int, where: str) -> None:
     if codes.numel() and int(codes.max()) >= entries:
-        raise ValueError(f"corrupted .lcz payload: {where} has a code beyond its {entries}-entry codebook")
+        raise CorruptFileError(f"corrupted .lcz payload: {where} has a code beyond its {entries}-entry codebook")
 
 
 def _decode(rec: Any, rd: _Reader, config: Mapping[str, Any], where: str) -> dict[str, Any]:
     """Θ (in the compression's own layout) from a record."""
     if not isinstance(rec, dict):
-        raise ValueError(f"corrupted .lcz header: {where} has no Θ record")
+        raise CorruptFileError(f"corrupted .lcz header: {where} has no Θ record")
     kind = rec.get("kind")
     try:
         if kind == "sum":
@@ -353,7 +395,7 @@ def _decode(rec: Any, rd: _Reader, config: Mapping[str, Any], where: str) -> dic
         if kind == "codebook":
             n, k, width = int(rec["n"]), int(rec["k"]), int(rec["width"])
             if width != index_bits(k):
-                raise ValueError(f"corrupted .lcz header: {where} codes of {width} bits for K={k}")
+                raise CorruptFileError(f"corrupted .lcz header: {where} codes of {width} bits for K={k}")
             codes_t = _read_codes(rd, rec, n, width, where)
             if rec["store"] == "all":
                 cb = _bytes_tensor(rd.seg("theta", rec["codebook"], where), torch.float32, [int(rec["entries"])], where)
@@ -362,7 +404,7 @@ def _decode(rec: Any, rd: _Reader, config: Mapping[str, Any], where: str) -> dic
             elif rec["store"] == "none":
                 cb = _fixed_codebook(config)
             else:
-                raise ValueError(f"corrupted .lcz header: {where} has codebook store {rec['store']!r}")
+                raise CorruptFileError(f"corrupted .lcz header: {where} has codebook store {rec['store']!r}")
             _check_codes(codes_t, cb.numel(), where)
             return {"codebook": cb, "codes": codes_t if k <= 256 else codes_t.long()}
         if kind == "sparse":
@@ -371,7 +413,7 @@ def _decode(rec: Any, rd: _Reader, config: Mapping[str, Any], where: str) -> dic
             if "codebook" in rec:
                 entries, cw = int(rec["entries"]), int(rec["code_width"])
                 if entries < 1 or cw != index_bits(entries):
-                    raise ValueError(f"corrupted .lcz header: {where} codes of {cw} bits for {entries} entries")
+                    raise CorruptFileError(f"corrupted .lcz header: {where} codes of {cw} bits for {entries} entries")
                 cb = _bytes_tensor(rd.seg("theta", rec["codebook"], where), torch.float32, [entries], where)
                 codes_t = _read_codes(rd, rec, nnz, cw, where).to(torch.uint8)
                 _check_codes(codes_t, entries, where)
@@ -383,13 +425,13 @@ def _decode(rec: Any, rd: _Reader, config: Mapping[str, Any], where: str) -> dic
             if rec["support"] == "bitmask":
                 idx = np.flatnonzero(unpack_bits(rd.np("theta", rec["mask"], where), n, 1))
                 if idx.size != nnz:
-                    raise ValueError(f"corrupted .lcz payload: {where} bitmask has {idx.size} ones, not {nnz}")
+                    raise CorruptFileError(f"corrupted .lcz payload: {where} bitmask has {idx.size} ones, not {nnz}")
             elif rec["support"] == "delta":
                 width = int(rec["width"])
                 sym = unpack_bits(rd.np("theta", rec["deltas"], where), int(rec["symbols"]), width)
                 idx = _delta_decode(sym, width, nnz, n)
             else:
-                raise ValueError(f"corrupted .lcz header: {where} has support coding {rec['support']!r}")
+                raise CorruptFileError(f"corrupted .lcz header: {where} has support coding {rec['support']!r}")
             return {"indices": torch.from_numpy(idx.astype(np.int64)), "values": vals, "n": n, **extra}
         if kind == "factors":
             out = {}
@@ -404,8 +446,8 @@ def _decode(rec: Any, rd: _Reader, config: Mapping[str, Any], where: str) -> dic
                 raise ValueError(f"corrupted .lcz header: {where} has factors {out['A'].shape} and {out['B'].shape}")
             return out
     except (KeyError, TypeError, IndexError) as e:
-        raise ValueError(f"corrupted .lcz header: {where} is missing or has a bad field ({e!r})") from None
-    raise ValueError(f"corrupted .lcz header: {where} has unknown Θ kind {kind!r}")
+        raise CorruptFileError(f"corrupted .lcz header: {where} is missing or has a bad field ({e!r})") from None
+    raise CorruptFileError(f"corrupted .lcz header: {where} has unknown Θ kind {kind!r}")
 
 
 def _delta(theta: Mapping[str, Any], view: Sequence[int]) -> Tensor:
@@ -419,15 +461,16 @@ def _delta(theta: Mapping[str, Any], view: Sequence[int]) -> Tensor:
     n = math.prod(view)
     if "indices" in theta:  # (before "codebook": a sparse Θ with codebook values has both)
         if theta["n"] != n:
-            raise ValueError(f"corrupted .lcz header: a sparse Θ of length {theta['n']} for a view of {n} weights")
+            raise CorruptFileError(f"corrupted .lcz header: a sparse Θ of length {theta['n']} for a view of {n} weights")
         out = torch.zeros(n, dtype=torch.float32)
         out[theta["indices"]] = theta["values"].float()
         return out.reshape(tuple(view))
     if "codebook" in theta:
         codes = theta["codes"]
         if codes.numel() != n:
-            raise ValueError(f"corrupted .lcz header: {codes.numel()} codes for a view of {n} weights")
-        return theta["codebook"][codes.long()].reshape(tuple(view))
+            raise CorruptFileError(f"corrupted .lcz header: {codes.numel()} codes for a view of {n} weights")
+        # int32 indices: half the memory of int64 ones, for a tensor as long as the view
+        return theta["codebook"].index_select(0, codes.reshape(-1).to(torch.int32)).reshape(tuple(view))
     if "dense" in theta:  # a rank selection that kept the matrix dense
         if tuple(theta["dense"].shape) != tuple(view):
             raise ValueError(f"corrupted .lcz header: a dense matrix {tuple(theta['dense'].shape)} for a view {tuple(view)}")
@@ -519,7 +562,8 @@ def _canonical_header(data: bytes) -> bytes:
 
 
 def save(alg, path) -> dict[str, Any]:
-    """Write ``alg``'s compressed model to a ``.lcz`` file (atomically: a temporary file, then a rename).
+    """Write ``alg``'s compressed model to a ``.lcz`` file (atomically: a temporary file, then a rename; the file
+    gets the permissions of any new file under the user's umask).
 
     Args:
         alg: an :class:`lcompress.LC` object (its Θ, and every other parameter and buffer of its model).
@@ -535,15 +579,7 @@ def save(alg, path) -> dict[str, Any]:
     """
     data, header = to_bytes(alg)
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent if str(path.parent) else ".")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, lambda f: f.write(data))
     rep = alg.size_report()
     bound = (1 + SIZE_SLACK) * rep["compressed_bits"] / 8 + SIZE_FIXED
     if len(data) > bound:
@@ -560,61 +596,379 @@ def save(alg, path) -> dict[str, Any]:
     }
 
 
-# ---- reading -----------------------------------------------------------------------------------------------------
-def _read_bytes(path) -> tuple[bytes, str]:
+# ---- reading: frame, header, checksum, validation ----------------------------------------------------------------
+def _short(v: Any, limit: int = 60) -> str:
+    """repr(v), cut to ``limit`` characters: a hostile header's values go into messages, one line each."""
+    r = repr(v)
+    return r if len(r) <= limit else r[: limit - 3] + "..."
+
+
+def _read_bytes(path) -> tuple[bytearray, str]:
+    """The file's bytes, in a writable buffer (the blobs become tensors on it without a copy), and its name."""
     if isinstance(path, (bytes, bytearray, memoryview)):
-        return bytes(path), "<bytes>"
+        return bytearray(path), "<bytes>"
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"no such .lcz file: {str(p)!r}")
-    return p.read_bytes(), str(p)
+    with open(p, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        data = bytearray(size)
+        got = f.readinto(data)
+    if got != size:
+        raise CorruptFileError(f"{p}: the file changed while it was read ({got} of {size} bytes)")
+    return data, str(p)
 
 
-def _parse(data: bytes, where: str) -> tuple[dict[str, str], dict[str, Tensor]]:
-    """Check the safetensors frame (with clear messages for truncation), the format and the version."""
+def _tokens(b: bytes) -> int:
+    """Structural JSON tokens: each is at most one container or value (≤ ~64 bytes of Python objects)."""
+    return b.count(b"[") + b.count(b"{") + b.count(b",") + b.count(b":")
+
+
+def _is_int(v: Any, lo: int = 0, hi: int = _MAX_INT) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi
+
+
+def _parse_frame(data: bytearray, where: str) -> tuple[dict[str, str], dict[str, Tensor]]:
+    """The safetensors frame: the metadata (format and version checked) and the blobs, as uint8 tensors viewing
+    ``data``. The blobs must tile the bytes after the frame's table exactly."""
     if len(data) < 8:
-        raise ValueError(f"{where}: not a .lcz file or truncated ({len(data)} bytes)")
+        raise CorruptFileError(f"{where}: not a .lcz file or truncated ({len(data)} bytes)")
     n = int.from_bytes(data[:8], "little")
     if 8 + n > len(data):
-        raise ValueError(f"{where}: truncated .lcz file (its header needs {8 + n} bytes, the file has {len(data)})")
+        raise CorruptFileError(f"{where}: truncated .lcz file (its header needs {8 + n} bytes, the file has {len(data)})")
+    raw = bytes(data[8 : 8 + n])
+    if _tokens(raw) > FRAME_MAX_TOKENS:
+        raise CorruptFileError(f"{where}: not a .lcz file (its safetensors table has {_tokens(raw)} JSON tokens; "
+                               f"a .lcz file has a few dozen)")
     try:
-        table = json.loads(data[8 : 8 + n])
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise ValueError(f"{where}: not a .lcz file, or its header is corrupted") from None
+        table = json.loads(raw)
+    except (ValueError, RecursionError):  # (UnicodeDecodeError and JSONDecodeError are ValueErrors)
+        raise CorruptFileError(f"{where}: not a .lcz file, or its header is corrupted") from None
     if not isinstance(table, dict):
-        raise ValueError(f"{where}: not a .lcz file, or its header is corrupted")
+        raise CorruptFileError(f"{where}: not a .lcz file, or its header is corrupted")
     meta = table.get("__metadata__")
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         fmt = meta.get("format") if isinstance(meta, dict) else None
-        raise ValueError(f"{where}: not a .lcz file (format={fmt!r}, expected {FORMAT!r})")
-    try:
-        version = int(meta.get("version", ""))
-    except ValueError:
-        raise ValueError(f"{where}: corrupted .lcz file (version={meta.get('version')!r})") from None
-    if version > VERSION:
-        raise ValueError(
-            f"{where}: written in .lcz format version {version}, newer than this lcompress reads ({VERSION}); "
+        raise CorruptFileError(f"{where}: not a .lcz file (format={_short(fmt)}, expected {FORMAT!r})")
+    version = meta.get("version")
+    if not (isinstance(version, str) and version.isascii() and version.isdigit() and len(version) <= 6):
+        raise CorruptFileError(f"{where}: corrupted .lcz file (version={_short(version)})")
+    if int(version) > VERSION:
+        raise CorruptFileError(
+            f"{where}: written in .lcz format version {int(version)}, newer than this lcompress reads ({VERSION}); "
             "upgrade lcompress"
         )
-    if version < 1:
-        raise ValueError(f"{where}: corrupted .lcz file (version={version})")
-    try:
-        end = max((int(v["data_offsets"][1]) for k, v in table.items() if k != "__metadata__"), default=0)
-    except (KeyError, TypeError, ValueError, IndexError):
-        raise ValueError(f"{where}: corrupted .lcz file (bad tensor table)") from None
+    if int(version) < 1:
+        raise CorruptFileError(f"{where}: corrupted .lcz file (version={version})")
+    bad = [k for k in table if k != "__metadata__" and k not in BLOBS]
+    if bad:
+        raise CorruptFileError(f"{where}: corrupted .lcz file (unexpected tensor {_short(bad[0])})")
+    spans = []
+    for b in BLOBS:
+        if b not in table:
+            continue
+        v = table[b]
+        off = v.get("data_offsets") if isinstance(v, dict) else None
+        shape = v.get("shape") if isinstance(v, dict) else None
+        if not (isinstance(v, dict) and v.get("dtype") == "U8" and isinstance(off, list) and len(off) == 2
+                and all(_is_int(x) for x in off) and off[0] <= off[1] and shape == [off[1] - off[0]]):
+            raise CorruptFileError(f"{where}: corrupted .lcz file (bad tensor table entry {b!r}: {_short(v)})")
+        spans.append((off[0], off[1], b))
+    spans.sort()
+    end = 0
+    for a, e, b in spans:
+        if a != end:
+            raise CorruptFileError(f"{where}: corrupted .lcz file (blob {b!r} starts at {a}, not {end})")
+        end = e
     if 8 + n + end > len(data):
-        raise ValueError(f"{where}: truncated .lcz file ({len(data)} bytes, {8 + n + end} expected)")
-    from safetensors.torch import load as st_load
+        raise CorruptFileError(f"{where}: truncated .lcz file ({len(data)} bytes, {8 + n + end} expected)")
+    if 8 + n + end < len(data):
+        raise CorruptFileError(f"{where}: corrupted .lcz file ({len(data) - 8 - n - end} bytes after its last blob)")
+    blobs = {}
+    for a, e, b in spans:
+        blobs[b] = (torch.frombuffer(data, dtype=torch.uint8, count=e - a, offset=8 + n + a) if e > a
+                    else torch.zeros(0, dtype=torch.uint8))
+    for b in BLOBS:
+        blobs.setdefault(b, torch.zeros(0, dtype=torch.uint8))
+    return meta, blobs
 
+
+def _inflate_header(meta: Mapping[str, Any], file_bytes: int, where: str) -> bytes:
+    """The header JSON bytes, inflated through a bounded decompressor (a zlib bomb stops at the cap)."""
+    if meta.get("header_encoding") != HEADER_ENCODING:
+        raise CorruptFileError(f"{where}: unknown header encoding {_short(meta.get('header_encoding'))}")
+    text = meta.get("header")
+    if not isinstance(text, str):
+        raise CorruptFileError(f"{where}: corrupted .lcz file (no header)")
     try:
-        tensors = st_load(data)
-    except Exception as e:  # safetensors raises its own error type
-        raise ValueError(f"{where}: corrupted .lcz file ({e})") from None
-    return meta, tensors
+        raw = base64.b64decode(text, validate=True)
+    except ValueError:  # (binascii.Error, and non-ASCII text)
+        raise CorruptFileError(f"{where}: corrupted .lcz header (it is not base64)") from None
+    cap = HEADER_MAX_FIXED + HEADER_MAX_RATIO * file_bytes
+    d = zlib.decompressobj()
+    try:
+        out = d.decompress(raw, cap + 1)
+    except zlib.error:
+        raise CorruptFileError(f"{where}: corrupted .lcz header (it does not decode)") from None
+    if len(out) > cap:
+        raise CorruptFileError(f"{where}: corrupted .lcz header (it inflates to more than {cap} bytes, the limit "
+                               f"for a file of {file_bytes} bytes)")
+    if not d.eof or d.unused_data:
+        raise CorruptFileError(f"{where}: corrupted .lcz header (its zlib stream is truncated or has trailing data)")
+    return out
 
 
-def read(path) -> dict[str, Any]:
+def _open(data: bytearray, where: str) -> tuple[dict[str, Any], dict[str, str], dict[str, Tensor]]:
+    """(header, metadata, blobs) of a file's bytes, every check of the module docstring done."""
+    meta, blobs = _parse_frame(data, where)
+    header_json = _inflate_header(meta, len(data), where)
+    digest = hashlib.sha256(header_json)
+    for b in BLOBS:
+        digest.update(blobs[b].numpy())
+    if digest.hexdigest() != meta.get("sha256"):
+        raise CorruptFileError(f"{where}: checksum mismatch, the .lcz file is corrupted (sha256 {digest.hexdigest()} "
+                               f"!= {_short(meta.get('sha256'), 70)} recorded)")
+    limit = TOKENS_MAX_FIXED + TOKENS_MAX_RATIO * len(data)
+    if _tokens(header_json) > limit:
+        raise CorruptFileError(f"{where}: corrupted .lcz header ({_tokens(header_json)} JSON tokens, more than the "
+                               f"{limit} allowed for a file of {len(data)} bytes)")
+    try:
+        header = json.loads(header_json)
+    except (ValueError, RecursionError):
+        raise CorruptFileError(f"{where}: corrupted .lcz header (it is not JSON, or nests too deep)") from None
+    _Check(where, {b: blobs[b].numel() for b in BLOBS}).header(header)
+    return header, meta, blobs
+
+
+class _Check:
+    """Structural check of a parsed header: every field's type and range, and every size against the others and
+    against the blobs, so that decoding can trust them. Raises CorruptFileError naming the field."""
+
+    def __init__(self, where: str, blob_sizes: Mapping[str, int]) -> None:
+        self.where, self.sizes = where, blob_sizes
+
+    def fail(self, field: str, value: Any, problem: str) -> CorruptFileError:
+        return CorruptFileError(f"{self.where}: corrupted .lcz header: {field} = {_short(value)} {problem}")
+
+    def get(self, d: Any, key: str, field: str) -> Any:
+        if not isinstance(d, dict):
+            raise self.fail(field, d, "is not a JSON object")
+        if key not in d:
+            raise CorruptFileError(f"{self.where}: corrupted .lcz header: {field}.{key} is missing")
+        return d[key]
+
+    def int_(self, v: Any, field: str, lo: int = 0, hi: int = _MAX_INT) -> int:
+        if not _is_int(v, lo, hi):
+            raise self.fail(field, v, f"is not an integer in [{lo}, {hi}]")
+        return v
+
+    def str_(self, v: Any, field: str) -> str:
+        if not isinstance(v, str):
+            raise self.fail(field, v, "is not a string")
+        return v
+
+    def list_(self, v: Any, field: str, length: int | None = None) -> list:
+        if not isinstance(v, list) or (length is not None and len(v) != length):
+            raise self.fail(field, v, "is not a list" + (f" of {length}" if length is not None else ""))
+        return v
+
+    def shape(self, v: Any, field: str) -> list[int]:
+        self.list_(v, field)
+        if len(v) > 64 or not all(_is_int(x) for x in v) or math.prod(v) > _MAX_INT:
+            raise self.fail(field, v, "is not a shape (a list of non-negative integers)")
+        return v
+
+    def dtype(self, v: Any, field: str) -> torch.dtype:
+        if not isinstance(v, str) or v not in _DTYPES:
+            raise self.fail(field, v, "is not a dtype the format stores")
+        return _DTYPES[v]
+
+    def seg(self, v: Any, blob: str, length: int, field: str) -> None:
+        """A segment [offset, length] of exactly ``length`` bytes inside ``blob``."""
+        if not (isinstance(v, list) and len(v) == 2 and all(_is_int(x) for x in v)):
+            raise self.fail(field, v, "is not a segment [offset, length]")
+        if v[1] != length:
+            raise self.fail(field, v, f"has {v[1]} bytes where its record needs {length}")
+        if v[0] + v[1] > self.sizes[blob]:
+            raise self.fail(field, v, f"lies beyond the {blob!r} blob of {self.sizes[blob]} bytes")
+
+    def header(self, h: Any) -> None:
+        if not isinstance(h, dict) or h.get("format") != FORMAT:
+            raise self.fail("header.format", h.get("format") if isinstance(h, dict) else h, f"is not {FORMAT!r}")
+        blobs = self.get(h, "blobs", "header")
+        if not isinstance(blobs, dict) or set(blobs) != set(BLOBS) or any(blobs[b] != self.sizes[b] for b in BLOBS):
+            raise self.fail("header.blobs", blobs, f"does not give the blob sizes {dict(self.sizes)}")
+        entries = self.list_(self.get(h, "entries", "header"), "header.entries")
+        tasks = self.list_(self.get(h, "tasks", "header"), "header.tasks")
+        info: dict[str, tuple[torch.dtype, list[int]]] = {}
+        refs = []
+        for i, e in enumerate(entries):
+            f = f"entries[{i}]"
+            self.list_(e, f, 4)
+            name = self.str_(e[0], f"{f}.name")
+            if name in info:
+                raise self.fail(f"{f}.name", name, "repeats an earlier entry")
+            dt = self.dtype(e[1], f"{f} ({name!r}).dtype")
+            shape = self.shape(e[2], f"{f} ({name!r}).shape")
+            src, fs = e[3], f"{f} ({name!r}).source"
+            kind = src[0] if isinstance(src, list) and src else None
+            if kind == "dense":
+                self.list_(src, fs, 3)
+                self.seg(src[1:], "dense", math.prod(shape) * dt.itemsize, fs)
+            elif kind == "task":
+                self.list_(src, fs, 3)
+                refs.append((name, shape, self.int_(src[1], f"{fs}[1]", hi=len(tasks) - 1), src[2], fs))
+            elif kind == "alias":
+                self.list_(src, fs, 2)
+                if not (isinstance(src[1], str) and src[1] in info):
+                    raise self.fail(fs, src, "is not an alias of an earlier entry")
+                if info[src[1]] != (dt, shape):
+                    raise self.fail(fs, src, f"aliases an entry of another dtype or shape than {e[1]} {shape}")
+            else:
+                raise self.fail(fs, src, "is not a dense, task or alias source")
+            info[name] = (dt, shape)
+        params_of = []
+        for ti, t in enumerate(tasks):
+            f = f"tasks[{ti}]"
+            self.str_(self.get(t, "name", f), f"{f}.name")
+            f = f"tasks[{ti}] ({t['name']!r})"
+            params = self.list_(self.get(t, "params", f), f"{f}.params")
+            if not params or not all(isinstance(p, str) and p in info for p in params) or len(set(params)) != len(params):
+                raise self.fail(f"{f}.params", params, "are not distinct names of entries")
+            shapes = [info[p][1] for p in params]
+            matrix, scheme = self.get(t, "matrix", f), self.get(t, "conv_scheme", f)
+            if not isinstance(matrix, bool):
+                raise self.fail(f"{f}.matrix", matrix, "is not true or false")
+            if scheme not in CONV_SCHEMES:
+                raise self.fail(f"{f}.conv_scheme", scheme, f"is not one of {CONV_SCHEMES}")
+            view = self.shape(self.get(t, "view", f), f"{f}.view")
+            if matrix:
+                if len(params) != 1 or len(shapes[0]) < 2:
+                    raise self.fail(f"{f}.params", params, "are not one matrix or conv weight (a matrix task)")
+                want = list(matrix_shape(tuple(shapes[0]), scheme))
+            else:
+                want = [sum(math.prod(s) for s in shapes)]
+            if view != want:
+                raise self.fail(f"{f}.view", view, f"is not {want}, the view of parameters of shapes {shapes}")
+            cfg = self.get(t, "compression", f)
+            self.str_(self.get(cfg, "type", f"{f}.compression"), f"{f}.compression.type")
+            self.int_(self.get(t, "bits", f), f"{f}.bits")
+            self.int_(self.get(t, "bytes", f), f"{f}.bytes")
+            self.theta(self.get(t, "theta", f), cfg, view, f"{f}.theta", 0)
+            params_of.append(params)
+        for name, shape, ti, j, fs in refs:
+            self.int_(j, f"{fs}[2]", hi=len(params_of[ti]) - 1)
+            if info[params_of[ti][j]][1] != shape:
+                raise self.fail(fs, [ti, j], f"points to a parameter of shape {info[params_of[ti][j]][1]}, not {shape}")
+
+    def theta(self, rec: Any, cfg: Any, view: list[int], f: str, depth: int) -> None:
+        kind = self.get(rec, "kind", f)
+        n = math.prod(view)
+        if kind == "sum":
+            if depth >= _MAX_SUM_DEPTH:
+                raise self.fail(f"{f}.kind", kind, f"nests sums deeper than {_MAX_SUM_DEPTH} levels")
+            parts = self.list_(self.get(rec, "parts", f), f"{f}.parts")
+            cparts = self.get(cfg, "parts", f"{f} config") if isinstance(cfg, dict) else None
+            if not (isinstance(cfg, dict) and cfg.get("type") == "AdditiveCombination" and isinstance(cparts, list)):
+                raise self.fail(f"{f} config", cfg, "is not an AdditiveCombination config for a sum record")
+            if len(parts) < 2 or len(parts) != len(cparts):
+                raise self.fail(f"{f}.parts", f"{len(parts)} parts", f"for a config of {len(cparts)} parts")
+            for i, (r, c) in enumerate(zip(parts, cparts)):
+                self.theta(r, c, view, f"{f}.parts[{i}]", depth + 1)
+        elif kind == "codebook":
+            if self.int_(self.get(rec, "n", f), f"{f}.n") != n:
+                raise self.fail(f"{f}.n", rec["n"], f"is not the {n} weights of the view")
+            k = self.int_(self.get(rec, "k", f), f"{f}.k", lo=1, hi=1 << 32)
+            width = self.get(rec, "width", f)
+            if width != index_bits(k):
+                raise self.fail(f"{f}.width", width, f"is not ⌈log₂ K⌉ = {index_bits(k)} for K={k}")
+            if width:
+                self.seg(self.get(rec, "codes", f), "theta", -(-n * width // 8), f"{f}.codes")
+            store = self.get(rec, "store", f)
+            if store == "all":
+                entries = self.int_(self.get(rec, "entries", f), f"{f}.entries", lo=1)
+                self.seg(self.get(rec, "codebook", f), "theta", 4 * entries, f"{f}.codebook")
+            elif store == "scale":
+                if k not in (2, 3):
+                    raise self.fail(f"{f}.k", k, "is not 2 or 3 (a scaled codebook {-a, (0,) a})")
+                self.seg(self.get(rec, "scale", f), "theta", 4, f"{f}.scale")
+            elif store == "none":
+                cls = REGISTRY.get(cfg.get("type")) if isinstance(cfg, dict) else None
+                if not (isinstance(cls, type) and issubclass(cls, _FixedCodebook)):
+                    raise self.fail(f"{f} config", cfg, "is not a fixed-codebook compression")
+                try:
+                    comp = from_config(cfg)
+                except (ValueError, TypeError):
+                    raise self.fail(f"{f} config", cfg, "does not build a compression") from None
+                if comp.k != k:
+                    raise self.fail(f"{f}.k", k, f"is not the {comp.k} entries of {cfg['type']}")
+            else:
+                raise self.fail(f"{f}.store", store, "is not 'all', 'scale' or 'none'")
+        elif kind == "sparse":
+            if self.int_(self.get(rec, "n", f), f"{f}.n") != n:
+                raise self.fail(f"{f}.n", rec["n"], f"is not the {n} weights of the view")
+            nnz = self.int_(self.get(rec, "nnz", f), f"{f}.nnz", hi=n)
+            if "codebook" in rec:
+                entries = self.int_(self.get(rec, "entries", f), f"{f}.entries", lo=1, hi=1 << 32)
+                cw = self.get(rec, "code_width", f)
+                if cw != index_bits(entries):
+                    raise self.fail(f"{f}.code_width", cw, f"is not {index_bits(entries)} for {entries} entries")
+                if entries > 256:  # (the decoder keeps these codes in uint8)
+                    raise self.fail(f"{f}.entries", entries, "is more than 256")
+                self.seg(rec["codebook"], "theta", 4 * entries, f"{f}.codebook")
+                if cw:
+                    self.seg(self.get(rec, "codes", f), "theta", -(-nnz * cw // 8), f"{f}.codes")
+            else:
+                dt = self.dtype(self.get(rec, "dtype", f), f"{f}.dtype")
+                self.seg(self.get(rec, "values", f), "theta", nnz * dt.itemsize, f"{f}.values")
+            support = self.get(rec, "support", f)
+            if support == "bitmask":
+                self.seg(self.get(rec, "mask", f), "theta", -(-n // 8), f"{f}.mask")
+            elif support == "delta":
+                width = self.int_(self.get(rec, "width", f), f"{f}.width", lo=1, hi=32)
+                # every symbol moves the position on by at least one, and each nonzero ends one symbol
+                symbols = self.int_(self.get(rec, "symbols", f), f"{f}.symbols", lo=nnz, hi=n)
+                self.seg(self.get(rec, "deltas", f), "theta", -(-symbols * width // 8), f"{f}.deltas")
+            else:
+                raise self.fail(f"{f}.support", support, "is not 'bitmask' or 'delta'")
+        elif kind == "factors":
+            if len(view) != 2:
+                raise self.fail(f"{f}.kind", kind, f"is a matrix record for a view {view} that is not a matrix")
+            shapes = {}
+            for key in ("dense",) if "dense" in rec else ("A", "B"):
+                r, fk = self.get(rec, key, f), f"{f}.{key}"
+                dt = self.dtype(self.get(r, "dtype", fk), f"{fk}.dtype")
+                shapes[key] = s = self.shape(self.get(r, "shape", fk), f"{fk}.shape")
+                if len(s) != 2:
+                    raise self.fail(f"{fk}.shape", s, "is not a matrix shape")
+                self.seg(self.get(r, "seg", fk), "theta", math.prod(s) * dt.itemsize, f"{fk}.seg")
+            if "dense" in shapes:
+                if shapes["dense"] != view:
+                    raise self.fail(f"{f}.dense.shape", shapes["dense"], f"is not the view {view}")
+            elif shapes["A"][1] != shapes["B"][0] or [shapes["A"][0], shapes["B"][1]] != view:
+                raise self.fail(f"{f}.A/B.shape", [shapes["A"], shapes["B"]], f"do not multiply to the view {view}")
+        else:
+            raise self.fail(f"{f}.kind", kind, "is not a Θ kind (sum, codebook, sparse, factors)")
+
+
+def _decoded_bytes(header: Mapping[str, Any], names: set[str] | None = None) -> int:
+    """Bytes of the tensors a checked header's entries decode to (aliases share; ``names``: only those)."""
+    return sum(math.prod(e[2]) * _DTYPES[e[1]].itemsize for e in header["entries"]
+               if e[3][0] != "alias" and (names is None or e[0] in names))
+
+
+# ---- reading: decoding ----------------------------------------------------------------------------------------
+def read(path, *, max_bytes: int | None = None) -> dict[str, Any]:
     """Parse and verify a ``.lcz`` file (or its bytes) and decode every tensor.
+
+    The sizes are checked against each other and the blobs before anything is decoded, but the shapes are the
+    file's own: a valid file of a few KiB may describe a model of many GB (a one-entry codebook stores no codes).
+    For a file that may be hostile pass ``max_bytes``, or use :func:`load` (bounded by the model) or
+    :func:`inspect` (decodes nothing).
+
+    Args:
+        path: the file (or its bytes).
+        max_bytes: refuse a file whose tensors take more than this many bytes decoded (None: no limit).
 
     Returns:
         ``{"header": the JSON header, "metadata": the safetensors metadata, "state": {state-dict name: tensor}
@@ -622,79 +976,66 @@ def read(path) -> dict[str, Any]:
 
     Raises:
         FileNotFoundError: no such file.
-        ValueError: not a ``.lcz`` file, truncated, corrupted (checksum mismatch), or a newer format version.
+        CorruptFileError: not a ``.lcz`` file, truncated, corrupted (checksum mismatch, inconsistent header, a
+            payload that does not decode), a newer format version, or more than ``max_bytes`` decoded.
     """
+    if max_bytes is not None and not _is_int(max_bytes, hi=1 << 62):
+        raise ValueError(f"max_bytes={max_bytes!r} must be a non-negative integer or None")
     data, where = _read_bytes(path)
-    meta, tensors = _parse(data, where)
-    if meta.get("header_encoding") != HEADER_ENCODING:
-        raise ValueError(f"{where}: unknown header encoding {meta.get('header_encoding')!r}")
-    try:
-        header_json = zlib.decompress(base64.b64decode(meta.get("header", ""), validate=True))
-        header = json.loads(header_json)
-    except (ValueError, zlib.error, json.JSONDecodeError):
-        raise ValueError(f"{where}: corrupted .lcz header (it does not decode)") from None
-    blobs = {b: tensors.get(b, torch.zeros(0, dtype=torch.uint8)) for b in BLOBS}
-    digest = hashlib.sha256(header_json)
-    for b in BLOBS:
-        digest.update(blobs[b].numpy().tobytes())
-    if digest.hexdigest() != meta.get("sha256"):
-        raise ValueError(f"{where}: checksum mismatch, the .lcz file is corrupted (sha256 {digest.hexdigest()} "
-                         f"!= {meta.get('sha256')!r} recorded)")
-    if not isinstance(header, dict) or header.get("format") != FORMAT:
-        raise ValueError(f"{where}: corrupted .lcz header")
+    header, meta, blobs = _open(data, where)
+    need = _decoded_bytes(header)
+    if max_bytes is not None and need > max_bytes:
+        raise CorruptFileError(f"{where}: the file's tensors take {need} bytes decoded, more than max_bytes={max_bytes}")
     state, thetas = _decode_all(header, _Reader(blobs), where)
-    return {"header": header, "metadata": meta, "state": state, "thetas": thetas}
+    return {"header": header, "metadata": meta, "state": state, "thetas": [thetas[i] for i in sorted(thetas)]}
 
 
-def _decode_all(header: Mapping[str, Any], rd: _Reader, where: str) -> tuple[dict[str, Tensor], list[dict]]:
+def _decode_all(
+    header: Mapping[str, Any], rd: _Reader, where: str, names: set[str] | None = None
+) -> tuple[dict[str, Tensor], dict[int, dict]]:
+    """Decode a checked header's entries (``names``: only those, and what they alias): ({name: tensor},
+    {task index: Θ}) for the tasks that were needed."""
+    entries, tasks = header["entries"], header["tasks"]
+    if names is not None:  # an alias needs its target, which comes earlier
+        names = set(names)
+        for name, _, _, src in reversed(entries):
+            if name in names and src[0] == "alias":
+                names.add(src[1])
+    wanted = [e for e in entries if names is None or e[0] in names]
+    need_tasks = sorted({e[3][1] for e in wanted if e[3][0] == "task"}) if names is not None else range(len(tasks))
+    info = {e[0]: e for e in entries}
+    thetas, task_values = {}, {}
     try:
-        entries, tasks = list(header["entries"]), list(header["tasks"])
-    except (KeyError, TypeError):
-        raise ValueError(f"{where}: corrupted .lcz header (no entries or tasks)") from None
-    info = {}
-    for e in entries:
-        if not (isinstance(e, list) and len(e) == 4 and isinstance(e[0], str) and isinstance(e[2], list)):
-            raise ValueError(f"{where}: corrupted .lcz header (bad entry {e!r})")
-        info[e[0]] = (_dtype(e[1], f"entry {e[0]!r}"), e[2])
-    thetas, task_values = [], []
-    for ti, t in enumerate(tasks):
-        try:
-            tname, params, view, rec, cfg = t["name"], t["params"], t["view"], t["theta"], t["compression"]
-            shapes = [info[p][1] for p in params]
-        except (KeyError, TypeError):
-            raise ValueError(f"{where}: corrupted .lcz header (task {ti})") from None
-        theta = _decode(rec, rd, cfg, f"task {tname!r}")
-        d = _delta(theta, view)
-        if t.get("matrix"):
-            outs = [from_matrix(d, tuple(shapes[0]), t.get("conv_scheme", "scheme_1"))]
-        else:
-            flat, outs, o = d.reshape(-1), [], 0
-            for s in shapes:
-                k = math.prod(s)
-                outs.append(flat[o : o + k].reshape(tuple(s)))
-                o += k
-            if o != flat.numel():
-                raise ValueError(f"{where}: corrupted .lcz header: task {tname!r} Θ does not fit its parameters")
-        thetas.append(theta)
-        task_values.append(outs)
-    state: dict[str, Tensor] = {}
-    for name, dname, shape, src in entries:
-        dt = _dtype(dname, f"entry {name!r}")
-        kind = src[0] if isinstance(src, list) and src else None
-        if kind == "dense":
-            state[name] = _bytes_tensor(rd.seg("dense", src[1:], f"entry {name!r}"), dt, shape, f"entry {name!r}")
-        elif kind == "task":
-            try:
-                v = task_values[src[1]][src[2]]
-            except (IndexError, TypeError):
-                raise ValueError(f"{where}: corrupted .lcz header (entry {name!r} points to a missing task)") from None
-            state[name] = v.to(dt).contiguous()
-        elif kind == "alias" and src[1] in state:
-            state[name] = state[src[1]]
-        else:
-            raise ValueError(f"{where}: corrupted .lcz header (entry {name!r} has source {src!r})")
-        if list(state[name].shape) != list(shape):
-            raise ValueError(f"{where}: corrupted .lcz header (entry {name!r} decodes to {tuple(state[name].shape)})")
+        for ti in need_tasks:
+            t = tasks[ti]
+            tname, shapes = t["name"], [info[p][2] for p in t["params"]]
+            theta = _decode(t["theta"], rd, t["compression"], f"task {tname!r}")
+            d = _delta(theta, t["view"])
+            if t["matrix"]:
+                outs = [from_matrix(d, tuple(shapes[0]), t["conv_scheme"])]
+            else:
+                flat, outs, o = d.reshape(-1), [], 0
+                for s in shapes:
+                    k = math.prod(s)
+                    outs.append(flat[o : o + k].reshape(tuple(s)))
+                    o += k
+            thetas[ti] = theta
+            task_values[ti] = outs
+        state: dict[str, Tensor] = {}
+        for name, dname, shape, src in wanted:
+            dt = _DTYPES[dname]
+            if src[0] == "dense":
+                state[name] = _bytes_tensor(rd.seg("dense", src[1:], f"entry {name!r}"), dt, shape, f"entry {name!r}")
+            elif src[0] == "task":
+                state[name] = task_values[src[1]][src[2]].to(dt).contiguous()
+            else:
+                state[name] = state[src[1]]
+            if list(state[name].shape) != list(shape):
+                raise CorruptFileError(f"entry {name!r} decodes to {tuple(state[name].shape)}, not {tuple(shape)}")
+    except (ValueError, KeyError, TypeError, IndexError) as e:
+        # the header was checked, so what is left is a payload that does not decode (a code beyond its codebook,
+        # a support that does not add up)
+        raise CorruptFileError(f"{where}: {e}") from None
     return state, thetas
 
 
@@ -706,28 +1047,31 @@ def _check_skeleton(header: Mapping[str, Any], sd: Mapping[str, Tensor], strict:
     problems = []
     if strict and (missing or unexpected):
         if missing:
-            problems.append(f"in the file but not in the model: {missing}")
+            problems.append(f"in the file but not in the model: {_short(missing, 300)}")
         if unexpected:
-            problems.append(f"in the model but not in the file: {unexpected}")
+            problems.append(f"in the model but not in the file: {_short(unexpected, 300)}")
     for name, dname, shape, _ in header["entries"]:
         if name not in sd:
             continue
         v = sd[name]
-        if list(v.shape) != list(shape) or _dtype_name(v.dtype) != dname:
+        vname = str(v.dtype).removeprefix("torch.")
+        if list(v.shape) != list(shape) or vname != dname:
             problems.append(
-                f"{name!r} has shape {tuple(shape)} and dtype {dname} in the file but shape {tuple(v.shape)} "
-                f"and dtype {_dtype_name(v.dtype)} in the model"
+                f"{name!r} has shape {_short(tuple(shape))} and dtype {dname} in the file but shape {tuple(v.shape)} "
+                f"and dtype {vname} in the model"
             )
     if problems:
-        raise ValueError(f"{where}: the model does not match the file: " + "; ".join(problems))
+        raise ModelMismatchError(f"{where}: the model does not match the file: " + "; ".join(problems[:8])
+                                 + (f"; and {len(problems) - 8} more" if len(problems) > 8 else ""))
     return [n for n in file_names if n in sd]
 
 
 def load(path, model: nn.Module, compact: bool = False, strict: bool = True) -> nn.Module:
     """Load a ``.lcz`` file into a model skeleton: weights = Δ(Θ) decoded, the rest as stored.
 
-    Everything is read, verified and decoded before the model is touched, so on any error the skeleton keeps
-    its weights.
+    The file is verified and checked against the model's names, shapes and dtypes before anything is decoded
+    (so a hostile file cannot make it allocate much more than the model's size), and everything is decoded —
+    the compact modules built too — before the model is touched: on any error the skeleton is left as it was.
 
     Args:
         path: the ``.lcz`` file (or its bytes).
@@ -743,37 +1087,49 @@ def load(path, model: nn.Module, compact: bool = False, strict: bool = True) -> 
 
     Raises:
         FileNotFoundError: no such file.
-        ValueError: a corrupted or truncated file, a checksum mismatch, a newer format version, or a model whose
-            parameter names, shapes or dtypes differ (what differs is named).
+        CorruptFileError: a corrupted or truncated file, a checksum mismatch, a newer format version.
+        ModelMismatchError: (a CorruptFileError) a model whose parameter names, shapes or dtypes differ (what
+            differs is named).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(compact, bool) or not isinstance(strict, bool):
         raise TypeError(f"compact={compact!r} and strict={strict!r} must be True or False")
-    got = read(path)
-    where = str(path) if not isinstance(path, (bytes, bytearray, memoryview)) else "<bytes>"
+    data, where = _read_bytes(path)
+    header, _, blobs = _open(data, where)
     inner = unwrap_model(model)
     sd = inner.state_dict(keep_vars=True)
-    names = _check_skeleton(got["header"], sd, strict, where)
-    state = got["state"]
+    names = _check_skeleton(header, sd, strict, where)
+    state, thetas = _decode_all(header, _Reader(blobs), where, set(names))
+    plan = []
+    if compact:
+        from .nn import _plan_compact, task_specs
+
+        specs: dict[str, dict[str, Any]] = {}
+        try:
+            for ti, theta in thetas.items():
+                t = header["tasks"][ti]
+                if not all(p in sd for p in t["params"]):
+                    continue
+                shapes = [tuple(sd[p].shape) for p in t["params"]]
+                specs.update(task_specs(t["params"], shapes, theta, t["conv_scheme"]))
+            plan = _plan_compact(inner, specs)
+        except (ValueError, TypeError, KeyError, IndexError) as e:
+            raise CorruptFileError(f"{where}: the compact layers cannot be built: {e}") from None
+    # nothing above touched the model; copies of checked shapes and dtypes cannot fail
     with torch.no_grad():
         for n in names:
             sd[n].copy_(state[n])
-    if compact:
-        from .nn import compact_model, task_specs
+    if plan:
+        from .nn import _apply_compact
 
-        specs: dict[str, dict[str, Any]] = {}
-        for t, theta in zip(got["header"]["tasks"], got["thetas"]):
-            if not all(p in sd for p in t["params"]):
-                continue
-            shapes = [tuple(sd[p].shape) for p in t["params"]]
-            specs.update(task_specs(t["params"], shapes, theta, t.get("conv_scheme", "scheme_1")))
-        compact_model(inner, specs)
+        _apply_compact(inner, plan)
     return model
 
 
 def inspect(path) -> list[dict[str, Any]]:
-    """Per-task summary of a ``.lcz`` file, for ``lcompress inspect``.
+    """Per-task summary of a ``.lcz`` file, for ``lcompress inspect``; the file is verified and its header
+    checked, but no tensor is decoded.
 
     Returns:
         one row per task — ``task``, ``compression`` (its type), ``config``, ``shapes``, ``weights``, ``bits``
@@ -782,11 +1138,10 @@ def inspect(path) -> list[dict[str, Any]]:
         for the container's overhead (its ``file_bytes`` make the rows add up to the file size).
 
     Raises:
-        FileNotFoundError, ValueError: as :func:`read`.
+        FileNotFoundError, CorruptFileError: as :func:`read`.
     """
     data, where = _read_bytes(path)
-    got = read(data)
-    header = got["header"]
+    header, _, _ = _open(data, where)
     info = {e[0]: e for e in header["entries"]}
     rows = []
     for t in header["tasks"]:

@@ -53,6 +53,8 @@ logger = logging.getLogger(__name__)
 #: pays off sooner: 8 bytes per nonzero against 4 per dense weight wins below density 0.5.
 SPARSE_CROSSOVER_DENSITY = 0.1
 
+_HALF = (torch.float16, torch.bfloat16)
+
 
 def _check_factors(a: Tensor, b: Tensor, out_dim: int, in_dim: int, what: str) -> int:
     if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[0]:
@@ -213,6 +215,9 @@ class SparseLinear(nn.Module):
     """y = W x + b with W (out × in) held in CSR form: ``crow_indices`` (out + 1), ``col_indices`` and ``values``
     (nnz each), as buffers, indices in int32 when they fit (faster on CPU, and 4 bytes less per nonzero).
 
+    A float16 or bfloat16 layer on the CPU, which has no CSR product kernels in those dtypes, multiplies in
+    float32 and returns its own dtype (``bench/bench_sparse_half.py`` measures what that costs).
+
     Args:
         in_features, out_features: the dense layer's sizes.
         nnz: number of stored nonzeros.
@@ -288,12 +293,23 @@ class SparseLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         lead = x.shape[:-1]
-        xt = x.reshape(-1, self.in_features).t().contiguous()
+        w, bias, out_dtype = self.weight_csr(), self.bias, None
+        x2 = x.reshape(-1, self.in_features)
+        if x.device.type == "cpu" and w.dtype in _HALF:
+            # CPU CSR products have no float16/bfloat16 kernels: compute in float32 (a CSR over float32 copies of
+            # the values, built per call: O(nnz)) and round the result back, as a half-precision dense layer would
+            out_dtype = torch.promote_types(x.dtype, w.dtype)
+            w = torch.sparse_csr_tensor(self.crow_indices, self.col_indices, self.values.float(), w.shape,
+                                        check_invariants=False)
+            bias = None if bias is None else bias.float()
+            xt = torch.empty((self.in_features, x2.shape[0]), dtype=torch.float32).copy_(x2.t())  # one pass
+        else:
+            xt = x2.t().contiguous()
         # W @ Xᵀ with a contiguous right-hand side is the fastest CSR × dense product on CPU; addmm adds the bias
         # in the same kernel
-        w = self.weight_csr()
-        y = w @ xt if self.bias is None else torch.addmm(self.bias.unsqueeze(1), w, xt)
-        return y.t().reshape(*lead, self.out_features)
+        y = w @ xt if bias is None else torch.addmm(bias.unsqueeze(1), w, xt)
+        y = y.t().reshape(*lead, self.out_features)
+        return y if out_dtype is None else y.to(out_dtype)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, nnz={self.nnz}, "
@@ -550,11 +566,22 @@ def compact_model(
     Returns:
         ``{module name: compact class name}`` for every replaced module.
     """
+    return _apply_compact(model, _plan_compact(model, specs, sparse_density))
+
+
+def _plan_compact(
+    model: nn.Module, specs: Mapping[str, Mapping[str, Any]], sparse_density: float = SPARSE_CROSSOVER_DENSITY
+) -> list[tuple[str, nn.Module, nn.Module]]:
+    """The compact modules of :func:`compact_model`, built without touching ``model``: [(name, old, new)].
+
+    Everything that can fail (a spec that does not fit its layer) fails here, so :func:`lcompress.load` can
+    build the plan before it writes anything into the model, and apply it after.
+    """
     if not (isinstance(sparse_density, (int, float)) and 0.0 <= sparse_density <= 1.0):
         raise ValueError(f"sparse_density={sparse_density!r} must be a number in [0, 1]")
     modules = dict(model.named_modules())
-    slots = _module_slots(model)
-    done: dict[str, str] = {}
+    plan: list[tuple[str, nn.Module, nn.Module]] = []
+    done: set[str] = set()
     for pname, spec in specs.items():
         mname, _, attr = pname.rpartition(".")
         mod = modules.get(mname)
@@ -563,12 +590,26 @@ def compact_model(
         new = _compact_layer(mod, spec, sparse_density, pname)
         if new is None:
             continue
-        new.train(mod.training)
+        plan.append((mname, mod, new))
+        done.add(mname)
+    return plan
+
+
+def _apply_compact(model: nn.Module, plan: Sequence[tuple[str, nn.Module, nn.Module]]) -> dict[str, str]:
+    """Swap the planned modules in (at every place each old one appears), with the old modules' current biases
+    and train/eval mode (the biases may have been loaded after the plan was built)."""
+    slots = _module_slots(model)
+    done: dict[str, str] = {}
+    for mname, old, new in plan:
+        if old.bias is not None:
+            bias = new.second.bias if isinstance(new, (LowRankLinear, LowRankConv2d)) else new.bias
+            with torch.no_grad():
+                bias.copy_(old.bias)
+        new.train(old.training)
         for parent, cname in slots.get(mname, []):
             setattr(parent, cname, new)
         done[mname] = type(new).__name__
-    for m, c in done.items():
-        logger.debug("compact_model: %s -> %s", m, c)
+        logger.debug("compact_model: %s -> %s", mname, done[mname])
     return done
 
 
