@@ -1,7 +1,10 @@
 """Tiny synthetic problems and config files for the CLI, config and resume tests.
 
 The data module is written into a temporary directory as ``lcsynth.py`` and named in configs as
-``data.dataset = "lcsynth:load"``, the way a user plugs in their own data; subprocesses find it through
+``data.dataset = "lcsynth:load"``, the way a user plugs in their own data. Beside it goes the metadata that
+``pip install`` of a package declaring it as entry points would write (``lcsynth-0.dist-info/entry_points.txt``,
+groups ``lcompress.datasets`` and ``lcompress.models``), so that configs may name it without ``--trust-code``: an
+installed entry point is the user's consent (see ``lcompress.config``). Subprocesses find both through
 ``PYTHONPATH``. ``lcsynth:traced_mlp`` is the registry's MLP with test hooks read from the environment (so they are
 not part of the run's config): ``LCTEST_TRACE`` names a file that gets one byte per training-mode forward pass (a
 batch counter another process can watch), and at training batch ``LCTEST_PAUSE_AT`` the forward pass creates
@@ -82,10 +85,26 @@ def traced_mlp(sizes, dropout=0.0):
 SIZES = [DIM, 32, 32, CLASSES]
 
 
-def write_module(directory: Path) -> Path:
+ENTRY_POINTS = f"""[lcompress.datasets]
+lcsynth = {MODULE_NAME}:load
+lcsynth_tuple = {MODULE_NAME}:load_tuple
+
+[lcompress.models]
+lcsynth_traced_mlp = {MODULE_NAME}:traced_mlp
+"""
+
+
+def write_module(directory: Path, entry_points: bool = True) -> Path:
+    """``lcsynth.py`` in ``directory`` and, with ``entry_points``, the dist-info that declares its functions as
+    installed entry points."""
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"{MODULE_NAME}.py"
     path.write_text(MODULE_SOURCE)
+    if entry_points:
+        info = directory / f"{MODULE_NAME}-0.dist-info"
+        info.mkdir(exist_ok=True)
+        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {MODULE_NAME}\nVersion: 0\n")
+        (info / "entry_points.txt").write_text(ENTRY_POINTS)
     return path
 
 

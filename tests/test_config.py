@@ -135,7 +135,7 @@ def test_set_overrides_with_dotted_keys(tmp_path):
     # overrides are validated like the file
     with pytest.raises(ConfigError, match=r"tasks\.0\.compression.*k=0"):
         load_config(path, {"tasks.0.compression.k": 0})
-    with pytest.raises(ConfigError, match=r"tasks\.3\.compression: no element '3'"):
+    with pytest.raises(ConfigError, match=r"tasks\.3\.compression: tasks has no element '3' \(it has 1\)"):
         load_config(path, {"tasks.3.compression": {"type": "BinaryQuantization"}})
     with pytest.raises(ConfigError, match=r"schedule\.stepz=5: unknown key"):
         load_config(path, {"schedule.stepz": 5})

@@ -161,7 +161,27 @@ def test_missing_files_message(tmp_path, no_env):
     assert str(partial) in msg
     assert "t10k-labels-idx1-ubyte" in msg
     assert "LCOMPRESS_DATA" in msg
-    assert "system-empty" in msg
+    assert "system-empty" not in msg  # an explicit directory is the only place looked
+
+
+def test_an_explicit_data_dir_never_falls_back_elsewhere(tmp_path, monkeypatch):
+    """A data_dir that does not exist, or lacks the files, is an error even when complete copies of the dataset
+    are in $LCOMPRESS_DATA and the system root: the user asked for that directory."""
+    sysroot, envroot = tmp_path / "sys", tmp_path / "env"
+    make_mnist_dir(sysroot / "fashion-mnist")
+    make_mnist_dir(envroot / "fashion-mnist")
+    monkeypatch.setattr(D, "SYSTEM_DATA_ROOT", sysroot)
+    monkeypatch.setenv(D.ENV_VAR, str(envroot))
+    assert find_data_dir("fashion-mnist") == envroot / "fashion-mnist"  # without data_dir: the search path
+    missing = tmp_path / "nonexistent"
+    with pytest.raises(FileNotFoundError, match="is not a directory") as ei:
+        load_fashion_mnist(missing)
+    assert str(missing) in str(ei.value)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError) as ei:
+        find_data_dir("fashion-mnist", empty)
+    assert str(empty) in str(ei.value) and str(envroot) not in str(ei.value) and str(sysroot) not in str(ei.value)
 
 
 def test_find_data_dir_unknown():

@@ -1,7 +1,10 @@
 """The ``lcompress`` command line. The only module that prints; every subcommand calls the library.
 
-Exit codes: 0 success, 2 bad input (config, missing files, bad arguments), 130 interrupted (Ctrl-C; what was done
-is kept and ``--resume`` continues).
+Exit codes: 0 success; 2 bad input (a config, a missing or unreadable file, a bad argument, code named by a config
+without ``--trust-code``, a run directory another process holds); 3 the run failed (an L step or the reference's
+training diverged, a write failed: disk full, read-only directory, out of memory); 130 interrupted (Ctrl-C; what was
+done is kept and ``--resume`` continues). Every error is one line on stderr, and nothing the user had is overwritten:
+files are replaced atomically, so each is the old one or the new one.
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 EXIT_BAD_INPUT = 2
+EXIT_RUN_FAILED = 3
 EXIT_INTERRUPTED = 130
 
 logger = logging.getLogger("lcompress.cli")
@@ -65,6 +69,11 @@ class _ConsoleHandler(logging.Handler):
             self.handleError(record)
 
 
+class _Discard(list):
+    def append(self, item) -> None:
+        pass
+
+
 class _DeferredFileHandler(logging.Handler):
     """A log file that is opened only when :meth:`start` is called; records before that wait in memory (and are
     dropped if it never is), so a command that fails validation leaves the run directory exactly as it was."""
@@ -74,22 +83,38 @@ class _DeferredFileHandler(logging.Handler):
         self.path = path
         self.pending: list[logging.LogRecord] = []
         self.file: logging.FileHandler | None = None
+        self.failed = False
 
     def start(self) -> None:
-        if self.file is not None:
+        if self.file is not None or self.failed:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.file = logging.FileHandler(self.path)
         self.file.setFormatter(self.formatter)
-        for record in self.pending:
-            self.file.handle(record)
-        self.pending.clear()
+        self.file.handleError = self._write_failed  # type: ignore[method-assign]
+        pending, self.pending = self.pending, []
+        for record in pending:
+            self.emit(record)
 
     def emit(self, record: logging.LogRecord) -> None:
         if self.file is not None:
             self.file.handle(record)
         else:
             self.pending.append(record)
+
+    def _write_failed(self, record: logging.LogRecord) -> None:
+        """A log line that cannot be written (disk full): one warning, not logging's traceback per line; the
+        file is given up and the run goes on (its results are written, or fail, on their own)."""
+        e = sys.exc_info()[1]
+        file, self.file, self.failed = self.file, None, True
+        self.pending = _Discard()
+        try:
+            if file is not None:
+                file.close()
+        except OSError:
+            pass
+        print(f"lcompress: warning: cannot write the log file {self.path}: {e}; logging there stopped",
+              file=sys.stderr)
 
     def close(self) -> None:
         if self.file is not None:
@@ -179,19 +204,45 @@ def _parse_set(items: list[str] | None) -> dict[str, Any]:
 
 
 # ---- subcommands ------------------------------------------------------------------------------------------------
+def _check_train_flags(args) -> None:
+    import math
+
+    from .config import ConfigError
+
+    checks = [
+        ("--epochs", args.epochs, args.epochs >= 0, "must be >= 0"),
+        ("--seed", args.seed, 0 <= args.seed < 2**63, "must be in [0, 2**63)"),
+        ("--lr", args.lr, math.isfinite(args.lr) and args.lr > 0, "must be a finite number > 0"),
+        ("--lr-decay", args.lr_decay, 0 < args.lr_decay <= 1, "must be in (0, 1]"),
+        ("--batch-size", args.batch_size, args.batch_size >= 1, "must be >= 1"),
+        ("--weight-decay", args.weight_decay, math.isfinite(args.weight_decay) and args.weight_decay >= 0,
+         "must be a finite number >= 0"),
+    ]
+    for flag, value, ok, rule in checks:
+        if not ok:
+            raise ConfigError(f"{flag}={value!r}: {rule}")
+
+
 def cmd_train(args) -> int:
     from .config import ConfigError, parse_config
-    from .experiment import build_model, load_data
+    from .experiment import build_model, check_device_available, load_data
     from .training import evaluate, save_checkpoint, train_reference
 
     _setup_logging(args.verbose, args.quiet)
     out = Path(args.out)
     if out.exists() and not args.overwrite:
         raise ConfigError(f"--out {str(out)!r} exists; pass --overwrite to replace it")
+    if out.is_dir():
+        raise ConfigError(f"--out {str(out)!r} is a directory; give the checkpoint's file name (.pt)")
+    _check_train_flags(args)
+    check_device_available(args.device, "--device")
     model_args = _parse_set(args.model_arg)
-    # a config with a placeholder task validates --model, --model-arg and --dataset the way `compress` does
+    # a config with a placeholder task validates --model, --model-arg, --dataset, --seed and --device the way
+    # `compress` does
     cfg = parse_config({"model": {"name": args.model, "args": model_args}, "data": {"dataset": args.dataset},
-                        "seed": args.seed, "tasks": [{"params": "re:.*", "compression": {"type": "BinaryQuantization"}}]})
+                        "seed": args.seed, "device": args.device,
+                        "tasks": [{"params": "re:.*", "compression": {"type": "BinaryQuantization"}}]},
+                       trust_code=args.trust_code)
     data = load_data(cfg, args.data_dir)
     model = build_model(cfg)  # seeded by --seed
     hist = train_reference(model, data, args.epochs, lr=args.lr, lr_decay=args.lr_decay, batch_size=args.batch_size,
@@ -231,11 +282,12 @@ def _compress(args, rank: int, world: int) -> int:
         run_dir = Path(args.resume)
         if args.out and Path(args.out) != run_dir:
             raise ConfigError(f"--out {args.out!r}: a resumed run stays in its directory {str(run_dir)!r}")
-        cfg = load_config(args.config, overrides) if args.config else _saved_config(run_dir, overrides)
+        cfg = (load_config(args.config, overrides, trust_code=args.trust_code) if args.config
+               else _saved_config(run_dir, overrides, trust_code=args.trust_code))
     else:
         if args.config is None:
             raise ConfigError("compress: a config file is needed (or --resume RUN_DIR)")
-        cfg = load_config(args.config, overrides)
+        cfg = load_config(args.config, overrides, trust_code=args.trust_code)
         run_dir = Path(args.out) if args.out else Path("runs") / cfg.name
     if rank == 0:
         log = _setup_logging(args.verbose, args.quiet, run_dir / "log.txt", defer=True)
@@ -257,14 +309,16 @@ def _compress(args, rank: int, world: int) -> int:
     return 0
 
 
-def _saved_config(run_dir: Path, overrides: dict[str, Any] | None = None):
-    """The config a run directory was started with (its ``config.json``), with ``--set`` overrides applied."""
+def _saved_config(run_dir: Path, overrides: dict[str, Any] | None = None, trust_code: bool = False):
+    """The config a run directory was started with (its ``config.json``), with ``--set`` overrides applied. Code
+    it names is imported only with ``--trust-code`` given again (or as an installed entry point): a run directory
+    is a file like any other, and may come from someone else."""
     from .config import ConfigError, load_config
 
     cfg_file = run_dir / "config.json"
     if not cfg_file.is_file():
         raise ConfigError(f"{str(run_dir)!r}: not a run directory (no config.json there)")
-    return load_config(cfg_file, overrides)
+    return load_config(cfg_file, overrides, trust_code=trust_code)
 
 
 def cmd_sweep(args) -> int:
@@ -272,7 +326,7 @@ def cmd_sweep(args) -> int:
     from .sweep import run_sweep
     from .demo import format_table
 
-    base = load_config(args.config, _parse_set(args.set))
+    base = load_config(args.config, _parse_set(args.set), trust_code=args.trust_code)
     out = Path(args.out) if args.out else Path("runs") / f"sweep_{base.name}"
     log = _setup_logging(args.verbose, args.quiet, out / "log.txt", defer=True)
     values = [_parse_set([f"v={v}"])["v"] for v in args.values]
@@ -280,7 +334,8 @@ def cmd_sweep(args) -> int:
     with stop.installed():
         rows = run_sweep(args.config, args.vary, values, out, overrides=_parse_set(args.set),
                          baselines=args.baselines.split(",") if args.baselines else None,
-                         data_dir=args.data_dir, progress=not args.quiet, should_stop=stop, on_ready=log.start)
+                         data_dir=args.data_dir, progress=not args.quiet, should_stop=stop, on_ready=log.start,
+                         trust_code=args.trust_code)
     print(format_table(rows, [("value", args.vary, "s"), ("method", "method", "s"), ("test_error", "test error %", ".2f"),
                               ("ratio", "ratio", ".2f")]))
     print(f"CSV: {out / 'sweep.csv'}  plot: {out / 'sweep.png'}")
@@ -301,24 +356,29 @@ def cmd_demo(args) -> int:
         from .config import ConfigError
 
         raise ConfigError(f"--out {str(out)!r} is not empty; pass --overwrite to replace the demo runs there")
-    if args.overwrite and out.exists():
-        import shutil
+    from ._rundir import DirectoryLock
 
-        for name in SCHEMES:
-            shutil.rmtree(out / name, ignore_errors=True)
-    _setup_logging(args.verbose, args.quiet, out / "log.txt")
-    stop = _Stop()
-    try:
-        with stop.installed():
-            rows = run_demo(out, args.reference, schemes=schemes, steps=args.steps, data_dir=args.data_dir,
-                            progress=not args.quiet, should_stop=stop)
-    except Exception as e:
-        from .experiment import RunInterrupted
+    out.mkdir(parents=True, exist_ok=True)
+    # one demo per directory: --overwrite must not delete the runs of a demo still going on there
+    with DirectoryLock(out, "demo directory", hint="or give another --out"):
+        if args.overwrite:
+            import shutil
 
-        if isinstance(e, RunInterrupted):
-            print(f"lcompress: interrupted: {e}", file=sys.stderr)
-            return EXIT_INTERRUPTED
-        raise
+            for name in SCHEMES:
+                shutil.rmtree(out / name, ignore_errors=True)
+        _setup_logging(args.verbose, args.quiet, out / "log.txt")
+        stop = _Stop()
+        try:
+            with stop.installed():
+                rows = run_demo(out, args.reference, schemes=schemes, steps=args.steps, data_dir=args.data_dir,
+                                progress=not args.quiet, should_stop=stop)
+        except Exception as e:
+            from .experiment import RunInterrupted
+
+            if isinstance(e, RunInterrupted):
+                print(f"lcompress: interrupted: {e}", file=sys.stderr)
+                return EXIT_INTERRUPTED
+            raise
     print()
     print(f"LeNet300 on Fashion-MNIST, reference test error {rows[0]['reference_error']:.2f}%")
     print(format_table(rows, [("scheme", "scheme", "s"), ("description", "description", "s"),
@@ -330,41 +390,82 @@ def cmd_demo(args) -> int:
 
 
 def cmd_export(args) -> int:
+    from ._rundir import DirectoryLock
+
+    _setup_logging(args.verbose, args.quiet)
+    run = Path(args.run_dir)
+    if not (run / "config.json").is_file():
+        from .config import ConfigError
+
+        raise ConfigError(f"{str(run)!r} is not a finished run directory: config.json is missing")
+    # the run's files must not change under the export (a compress --resume there): one process per run directory
+    with DirectoryLock(run, "run directory"):
+        return _export_run(args, run)
+
+
+def _export_run(args, run: Path) -> int:
     import torch
 
     from .algorithm import LC
     from .config import ConfigError
     from .experiment import build_model
 
-    _setup_logging(args.verbose, args.quiet)
-    run = Path(args.run_dir)
     for f in ("config.json", "lc_state.pt"):
         if not (run / f).is_file():
             raise ConfigError(f"{str(run)!r} is not a finished run directory: {f} is missing")
-    cfg = _saved_config(run)
+    cfg = _saved_config(run, trust_code=args.trust_code)
     model = build_model(cfg)
     # the weights Θ does not cover (biases, BatchNorm, uncompressed layers) are the run's last L step's, kept in
     # checkpoint.pt; without it the reference's are the best there is
     ckpt = run / "checkpoint.pt"
     if ckpt.is_file():
-        model.load_state_dict(torch.load(ckpt, map_location="cpu", weights_only=True)["model"])
+        ck = _torch_file(ckpt)
+        try:
+            model.load_state_dict(ck["model"])
+        except (KeyError, TypeError, RuntimeError) as e:
+            raise ConfigError(f"{ckpt}: its model does not fit the run's config ({_one_line(e)})") from None
     elif cfg.reference.checkpoint and Path(cfg.reference.checkpoint).is_file():
         from .training import load_checkpoint
 
         logger.warning("%s is missing: the uncompressed weights in the file are the reference's", ckpt)
-        load_checkpoint(cfg.reference.checkpoint, model)
+        try:
+            load_checkpoint(cfg.reference.checkpoint, model)
+        except (ValueError, RuntimeError) as e:
+            raise ConfigError(f"reference.checkpoint={cfg.reference.checkpoint!r}: {_one_line(e)}") from None
     else:
         raise ConfigError(f"{str(run)!r}: neither checkpoint.pt nor the reference checkpoint "
                           f"{cfg.reference.checkpoint!r} is there to take the uncompressed weights from")
-    state = torch.load(run / "lc_state.pt", map_location="cpu", weights_only=True)
+    state = _torch_file(run / "lc_state.pt")
     alg = LC(model, cfg.task_map(), multipliers=cfg.lc.multipliers)
-    alg.load_state_dict(state)
+    try:
+        alg.load_state_dict(state)
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise ConfigError(f"{run / 'lc_state.pt'}: not the LC state of this run's config ({_one_line(e)})") from None
     out = Path(args.out) if args.out else run / "model.lcz"
     alg.export(out)
     rep = alg.size_report()
     print(f"wrote {out}: {out.stat().st_size} bytes (size report {rep['compressed_bits'] / 8:.0f} bytes, "
           f"ratio {rep['ratio']:.2f} vs the float32 model)")
     return 0
+
+
+def _torch_file(path: Path) -> dict:
+    """A run directory's torch file (weights only) as a dict; ConfigError naming it if it is anything else."""
+    import torch
+
+    from .config import ConfigError
+
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ConfigError(f"{path}: not a readable torch file ({type(e).__name__}: {_one_line(e)[:200]})") from None
+    if not isinstance(obj, dict):
+        raise ConfigError(f"{path}: expected a dict, got {type(obj).__name__}")
+    return obj
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(line.strip() for line in str(e).splitlines() if line.strip())
 
 
 def cmd_inspect(args) -> int:
@@ -400,6 +501,12 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("-v", "--verbose", action="count", default=1, help="more log output")
         sp.add_argument("-q", "--quiet", action="store_true", help="only warnings and the result")
 
+    def trust(sp):
+        sp.add_argument("--trust-code", action="store_true",
+                        help="import and run the model/dataset function a config names as 'package.module:function' "
+                             "(without it, only built-in names and installed entry points are used); only for "
+                             "configs and run directories you trust")
+
     t = sub.add_parser("train", help="train a reference model")
     t.add_argument("--model", required=True)
     t.add_argument("--model-arg", action="append", metavar="KEY=VALUE", help="model constructor argument")
@@ -414,6 +521,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--device", default="cpu")
     t.add_argument("--out", required=True, help="checkpoint path (.pt)")
     t.add_argument("--overwrite", action="store_true")
+    trust(t)
     common(t)
     t.set_defaults(func=cmd_train)
 
@@ -424,6 +532,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--force", action="store_true", help="resume even if the config changed")
     c.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field, e.g. schedule.steps=10")
     c.add_argument("--data-dir")
+    trust(c)
     common(c)
     c.set_defaults(func=cmd_compress)
 
@@ -435,6 +544,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out")
     s.add_argument("--set", action="append", metavar="KEY=VALUE")
     s.add_argument("--data-dir")
+    trust(s)
     common(s)
     s.set_defaults(func=cmd_sweep)
 
@@ -451,6 +561,7 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("export", help="write the compact .lcz file of a finished run")
     e.add_argument("run_dir")
     e.add_argument("--out")
+    trust(e)
     common(e)
     e.set_defaults(func=cmd_export)
 
@@ -474,9 +585,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (ConfigError, FileNotFoundError) as e:
-        message = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
-        print(f"lcompress: error: {message}", file=sys.stderr)
+        print(f"lcompress: error: {_one_line(e)}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except (FloatingPointError, OSError, MemoryError) as e:  # the input was fine, the run failed
+        print(f"lcompress: error: {_runtime_message(e)}", file=sys.stderr)
+        return EXIT_RUN_FAILED
     except KeyboardInterrupt:
         print("lcompress: aborted", file=sys.stderr)
         return EXIT_INTERRUPTED
@@ -486,7 +599,25 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(e, RunInterrupted):  # e.g. a sweep stopped by Ctrl-C: rerunning it continues
             print(f"lcompress: interrupted: {e}", file=sys.stderr)
             return EXIT_INTERRUPTED
-        raise
+        if _is_out_of_memory(e):
+            print(f"lcompress: error: {_runtime_message(e)}", file=sys.stderr)
+            return EXIT_RUN_FAILED
+        raise  # anything else is a bug: its traceback is what a report needs
+
+
+def _is_out_of_memory(e: BaseException) -> bool:
+    import torch
+
+    oom = getattr(torch, "OutOfMemoryError", None) or getattr(torch.cuda, "OutOfMemoryError", None)
+    return oom is not None and isinstance(e, oom)
+
+
+def _runtime_message(e: BaseException) -> str:
+    if isinstance(e, OSError):
+        return f"{_one_line(e)}; the files that were there are kept as they were"
+    if isinstance(e, FloatingPointError):
+        return f"{_one_line(e)}; nothing was written for that step"
+    return f"{type(e).__name__}: {_one_line(e)}"
 
 
 if __name__ == "__main__":

@@ -4,10 +4,10 @@ Every field is validated when the file is read; an error names the field (as a d
 See ``examples/*.toml`` for complete files. A minimal one::
 
     [model]
-    name = "lenet300"                      # a registered model, or "package.module:function"
+    name = "lenet300"                      # a registered model, an installed entry point, or "package.module:function"
 
     [data]
-    dataset = "fashion-mnist"              # fashion-mnist | mnist | cifar10 | "package.module:function"
+    dataset = "fashion-mnist"              # fashion-mnist | mnist | cifar10 | an entry point | "package.module:function"
 
     [reference]
     checkpoint = "runs/reference/lenet300.pt"
@@ -19,13 +19,27 @@ See ``examples/*.toml`` for complete files. A minimal one::
     [schedule]
     mu = "auto"                            # or mu0 = 9e-5 with factor = 1.4, or a list of values
     steps = 30
+
+Code named by a config (``model.name`` or ``data.dataset`` that is not built in) runs only with the user's consent,
+since a config can name any callable (``"os:system"``). Consent is either
+
+* an installed entry point: a package the user installed declares the function in the group ``lcompress.models``
+  or ``lcompress.datasets`` (``[project.entry-points."lcompress.models"] mynet = "mypkg.nets:build"``); the config
+  then names it by its entry-point name (``"mynet"``) or by its value (``"mypkg.nets:build"``); or
+* ``trust_code=True`` (``--trust-code`` on the command line) for this call, in the spirit of Hugging Face's
+  ``trust_remote_code``. It is never taken from a file: a run directory's ``config.json`` that names such code needs
+  the flag again to be resumed or exported.
+
+Without either, nothing is imported and a :class:`ConfigError` says how to consent.
 """
 from __future__ import annotations
 
 import copy
 import importlib
 import json
+import logging
 import math
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,7 +51,16 @@ except ModuleNotFoundError:  # Python 3.10
 
 from .compressions import REGISTRY, AdditiveCombination, Compression, from_config
 
-__all__ = ["ConfigError", "RunConfig", "load_config", "parse_config", "build_compression", "resolve_entry_point"]
+logger = logging.getLogger(__name__)
+
+__all__ = ["ConfigError", "RunConfig", "load_config", "parse_config", "build_compression", "resolve_entry_point",
+           "ENTRY_POINT_GROUPS", "MAX_STEPS"]
+
+#: entry-point group of each config field that can name code
+ENTRY_POINT_GROUPS = {"model.name": "lcompress.models", "data.dataset": "lcompress.datasets"}
+#: the most LC steps a schedule may have (the papers use tens; a typo such as 1e9 would allocate the whole list)
+MAX_STEPS = 100_000
+_FLOAT32_MAX = 3.4028234663852886e38
 
 
 class ConfigError(ValueError):
@@ -123,10 +146,13 @@ class RunConfig:
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     lc: LCConfig = field(default_factory=LCConfig)
     source: str | None = None  # the file it came from (not part of the run's identity)
+    # the consent given when it was read (load_config/parse_config's trust_code): never part of a file
+    trust_code: bool = field(default=False, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d.pop("source", None)
+        d.pop("trust_code", None)
         return d
 
     def task_map(self) -> dict[Any, Compression]:
@@ -148,6 +174,7 @@ _SECTIONS = {
     "lc": LCConfig,
 }
 _TOP = {"name", "seed", "device", "tasks", *_SECTIONS}
+BUILTIN_DATASETS = ("fashion-mnist", "mnist", "cifar10")
 # fields whose default is None: the type a given value must have
 _OPTIONAL = {"dir": str, "checkpoint": str, "mu0": float, "factor": float}
 
@@ -192,6 +219,8 @@ def _section(cls, raw: Any, path: str):
         if not _type_ok(v, default, k):
             raise ConfigError(f"{path}.{k}={_short(v)}: expected {_type_name(default, k)}")
         numeric_float = isinstance(default, float) or (default is None and _OPTIONAL.get(k) is float)
+        if numeric_float and v is not None and not math.isfinite(v):
+            raise ConfigError(f"{path}.{k}={v!r}: must be a finite number")
         setattr(obj, k, float(v) if numeric_float and isinstance(v, int) and not isinstance(v, bool) else v)
     return obj
 
@@ -218,22 +247,98 @@ def build_compression(spec: Any, path: str = "compression") -> Compression:
         raise ConfigError(f"{path}: {e}") from None
 
 
-def resolve_entry_point(spec: str, what: str):
-    """Import ``"package.module:function"``; errors name ``what``."""
-    mod, _, fn = spec.partition(":")
-    if not mod or not fn:
-        raise ConfigError(f"{what}={spec!r}: expected 'package.module:function'")
+def _installed_entry_points(group: str) -> list[Any]:
+    from importlib.metadata import entry_points
+
     try:
-        obj = getattr(importlib.import_module(mod), fn)
-    except (ImportError, AttributeError) as e:
-        raise ConfigError(f"{what}={spec!r}: cannot import it ({e})") from None
+        return list(entry_points(group=group))
+    except Exception as e:  # a broken distribution's metadata must not hide the others' errors
+        logger.warning("cannot read the installed entry points of group %r: %s", group, e)
+        return []
+
+
+def _same_target(a: str, b: str) -> bool:
+    return "".join(a.split()) == "".join(b.split())
+
+
+def resolve_entry_point(spec: str, what: str, trust_code: bool = False, source: str | None = None):
+    """The callable a config names: an installed entry point or, with ``trust_code``, ``"package.module:function"``.
+
+    Args:
+        spec: an entry-point name of the group :data:`ENTRY_POINT_GROUPS` gives for ``what``, or
+            ``"package.module:function"``.
+        what: the config field (``"model.name"`` or ``"data.dataset"``); errors name it.
+        trust_code: import ``"package.module:function"`` even when no installed entry point declares it.
+        source: the file the config came from, for the error message.
+
+    Nothing is imported unless an installed entry point declares the target or ``trust_code`` is given.
+
+    Raises:
+        ConfigError: no consent (the message says how to give it), not importable, or not callable.
+    """
+    group = ENTRY_POINT_GROUPS.get(what)
+    installed = _installed_entry_points(group) if group else []
+    ep = next((e for e in installed if e.name == spec), None) or next(
+        (e for e in installed if ":" in spec and _same_target(e.value, spec)), None)
+    if ep is None and ":" not in spec:
+        names = sorted({e.name for e in installed})
+        raise ConfigError(f"{what}={spec!r}: no installed entry point of that name in group {group!r}"
+                          + (f" (installed: {', '.join(names)})" if names else ""))
+    if ep is None:
+        mod, _, fn = spec.partition(":")
+        if not mod or not fn:
+            raise ConfigError(f"{what}={spec!r}: expected 'package.module:function'")
+        if not trust_code:
+            where = f" in {source}" if source else ""
+            raise ConfigError(
+                f"{what}={spec!r}{where}: refusing to import and run code that a config names without your consent "
+                f"(a config can name any function, e.g. 'os:system'). If you trust it, pass --trust-code (library: "
+                f"trust_code=True), or install it as an entry point in group {group!r}"
+            )
+        try:
+            obj = getattr(importlib.import_module(mod), fn)
+        except (ImportError, AttributeError) as e:
+            raise ConfigError(f"{what}={spec!r}: cannot import it ({e})") from None
+    else:
+        try:
+            obj = ep.load()
+        except (ImportError, AttributeError) as e:
+            raise ConfigError(f"{what}={spec!r}: cannot import the installed entry point {ep.value!r} ({e})") from None
     if not callable(obj):
         raise ConfigError(f"{what}={spec!r}: not callable")
     return obj
 
 
-def parse_config(raw: dict[str, Any], source: str | None = None) -> RunConfig:
+def _check_run_name(name: str) -> None:
+    """A run's name becomes a directory under ``runs/``: it must stay one plain name there."""
+    seps = {"/", "\\", os.sep} | ({os.altsep} if os.altsep else set())
+    if not name or name in (".", "..") or any(c in name for c in seps) or "\0" in name or name != name.strip():
+        raise ConfigError(f"name={name!r}: must be a plain directory name (no path separators, not '.' or '..', "
+                          "no surrounding spaces): it names the run directory runs/<name>")
+
+
+def check_device(device: str, what: str = "device") -> None:
+    """``device`` names a torch device (``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"mps"``, ...).
+
+    Raises:
+        ConfigError: naming ``what`` and the value.
+    """
+    import torch
+
+    try:
+        torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ConfigError(f"{what}={device!r}: not a torch device (e.g. \"cpu\", \"cuda\", \"cuda:1\", \"mps\")") from None
+
+
+def parse_config(raw: dict[str, Any], source: str | None = None, trust_code: bool = False) -> RunConfig:
     """Validate a config dict (as read from TOML) into a :class:`RunConfig`.
+
+    Args:
+        raw: the config dict.
+        source: the file it came from (for messages).
+        trust_code: consent to import ``model.name`` / ``data.dataset`` given as ``"package.module:function"``
+            when no installed entry point declares it (see the module docstring); kept in the returned config.
 
     Raises:
         ConfigError: an unknown key, a value of the wrong type or range, an unknown model or compression, a
@@ -246,34 +351,44 @@ def parse_config(raw: dict[str, Any], source: str | None = None) -> RunConfig:
     for k in raw:
         if k not in _TOP:
             raise ConfigError(f"{k}={_short(raw[k])}: unknown key (known: {', '.join(sorted(_TOP))})")
-    cfg = RunConfig(source=source)
+    cfg = RunConfig(source=source, trust_code=bool(trust_code))
     for k in ("name", "seed", "device"):
         if k in raw:
             if not _type_ok(raw[k], getattr(cfg, k), k):
                 raise ConfigError(f"{k}={_short(raw[k])}: expected {type(getattr(cfg, k)).__name__}")
             setattr(cfg, k, raw[k])
+    _check_run_name(cfg.name)
+    check_device(cfg.device)
+    if not 0 <= cfg.seed < 2**63:
+        raise ConfigError(f"seed={cfg.seed}: must be in [0, 2**63)")
     for k, cls in _SECTIONS.items():
         if k in raw:
             setattr(cfg, k, _section(cls, raw[k], k))
 
-    # model
-    if ":" in cfg.model.name:
-        resolve_entry_point(cfg.model.name, "model.name")
-    elif cfg.model.name not in MODELS:
-        raise ConfigError(f"model.name={cfg.model.name!r}: unknown model (known: {', '.join(sorted(MODELS))})")
+    # model and data: built in, or code named by the config (imported only with consent, see the module docstring)
+    if cfg.model.name not in MODELS:
+        if ":" not in cfg.model.name and not _installed_entry_points(ENTRY_POINT_GROUPS["model.name"]):
+            raise ConfigError(f"model.name={cfg.model.name!r}: unknown model (known: {', '.join(sorted(MODELS))}, "
+                              "an installed entry point, or 'package.module:function')")
+        resolve_entry_point(cfg.model.name, "model.name", trust_code, source)
     if not isinstance(cfg.model.args, dict):
         raise ConfigError(f"model.args={cfg.model.args!r}: expected a table")
-    # data
-    if ":" in cfg.data.dataset:
-        resolve_entry_point(cfg.data.dataset, "data.dataset")
-    elif cfg.data.dataset not in ("fashion-mnist", "mnist", "cifar10"):
-        raise ConfigError(
-            f"data.dataset={cfg.data.dataset!r}: unknown dataset (fashion-mnist, mnist, cifar10, or 'module:function')"
-        )
+    if cfg.data.dataset not in BUILTIN_DATASETS:
+        if ":" not in cfg.data.dataset and not _installed_entry_points(ENTRY_POINT_GROUPS["data.dataset"]):
+            raise ConfigError(f"data.dataset={cfg.data.dataset!r}: unknown dataset ({', '.join(BUILTIN_DATASETS)}, "
+                              "an installed entry point, or 'package.module:function')")
+        resolve_entry_point(cfg.data.dataset, "data.dataset", trust_code, source)
     if cfg.data.batch_size < 1:
         raise ConfigError(f"data.batch_size={cfg.data.batch_size}: must be >= 1")
-    if cfg.reference.train_epochs < 0:
-        raise ConfigError(f"reference.train_epochs={cfg.reference.train_epochs}: must be >= 0")
+    r = cfg.reference
+    if r.train_epochs < 0:
+        raise ConfigError(f"reference.train_epochs={r.train_epochs}: must be >= 0")
+    if not r.lr > 0:
+        raise ConfigError(f"reference.lr={r.lr}: must be > 0")
+    if not 0 < r.lr_decay <= 1:
+        raise ConfigError(f"reference.lr_decay={r.lr_decay}: must be in (0, 1]")
+    if r.batch_size < 1:
+        raise ConfigError(f"reference.batch_size={r.batch_size}: must be >= 1")
     if cfg.lc.penalty not in ("loss", "grad"):
         raise ConfigError(f"lc.penalty={cfg.lc.penalty!r}: expected \"loss\" or \"grad\"")
     # tasks
@@ -300,8 +415,8 @@ def parse_config(raw: dict[str, Any], source: str | None = None) -> RunConfig:
         cfg.tasks.append(TaskConfig(params=p, compression=t["compression"]))
     # schedule
     s = cfg.schedule
-    if s.steps < 1:
-        raise ConfigError(f"schedule.steps={s.steps}: must be >= 1")
+    if not 1 <= s.steps <= MAX_STEPS:
+        raise ConfigError(f"schedule.steps={s.steps}: must be in [1, {MAX_STEPS}]")
     if s.epochs_per_step < 1:
         raise ConfigError(f"schedule.epochs_per_step={s.epochs_per_step}: must be >= 1")
     mu_given = isinstance(raw.get("schedule"), dict) and raw["schedule"].get("mu") is not None
@@ -313,6 +428,8 @@ def parse_config(raw: dict[str, Any], source: str | None = None) -> RunConfig:
         for i, v in enumerate(s.mu):
             if not (v > 0 and math.isfinite(v)):
                 raise ConfigError(f"schedule.mu.{i}={v!r}: every value must be a finite number > 0")
+            if v > _FLOAT32_MAX:
+                raise ConfigError(f"schedule.mu.{i}={v!r}: overflows float32 (the weights' penalty would be inf)")
         for i in range(1, len(s.mu)):
             if s.mu[i] <= s.mu[i - 1]:
                 raise ConfigError(
@@ -322,6 +439,8 @@ def parse_config(raw: dict[str, Any], source: str | None = None) -> RunConfig:
         for k in ("mu0", "factor"):
             if getattr(s, k) is not None:
                 raise ConfigError(f"schedule.{k}={getattr(s, k)!r}: not used with a list schedule.mu; remove it")
+        if len(s.mu) > MAX_STEPS:
+            raise ConfigError(f"schedule.mu: {len(s.mu)} values, more than {MAX_STEPS} steps")
         s.steps = len(s.mu)
     elif s.mu == "auto":
         for k in ("mu0", "factor"):
@@ -340,6 +459,12 @@ def parse_config(raw: dict[str, Any], source: str | None = None) -> RunConfig:
             raise ConfigError(f"schedule.mu0={s.mu0!r}: must be a finite number > 0")
         if not (s.factor > 1 and math.isfinite(s.factor)):
             raise ConfigError(f"schedule.factor={s.factor!r}: must be a finite number > 1 (μ must increase)")
+        # the last μ, mu0·factor^(steps−1), in logs: it must not overflow the weights' float32 penalty
+        if math.log(s.mu0) + (s.steps - 1) * math.log(s.factor) > math.log(_FLOAT32_MAX):
+            raise ConfigError(
+                f"schedule.steps={s.steps}: the last μ = mu0·factor^(steps−1) = {s.mu0!r}·{s.factor!r}^{s.steps - 1} "
+                "overflows float32; use fewer steps or a smaller factor"
+            )
     else:
         raise ConfigError(f"schedule.mu={_short(s.mu)}: expected \"auto\", \"geometric\" or a list of numbers")
     if s.mu == "auto":
@@ -361,17 +486,20 @@ def parse_config(raw: dict[str, Any], source: str | None = None) -> RunConfig:
         raise ConfigError(f"optimizer.momentum={o.momentum}: must be in [0, 1)")
     if not 0 < o.lr_decay <= 1:
         raise ConfigError(f"optimizer.lr_decay={o.lr_decay}: must be in (0, 1]")
+    if not o.weight_decay >= 0:
+        raise ConfigError(f"optimizer.weight_decay={o.weight_decay}: must be >= 0")
     if cfg.evaluate.every < 1:
         raise ConfigError(f"evaluate.every={cfg.evaluate.every}: must be >= 1")
     return cfg
 
 
-def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> RunConfig:
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None, trust_code: bool = False) -> RunConfig:
     """Read and validate a run configuration: a TOML file, or the ``config.json`` a run directory keeps.
 
     Args:
         path: the ``.toml`` (or ``.json``) file.
         overrides: dotted keys to set before validation, e.g. ``{"schedule.steps": 5}``.
+        trust_code: consent to import the code it names (see :func:`parse_config`); never read from the file.
 
     Raises:
         ConfigError: the file is missing or not valid TOML/JSON, or a field is invalid (named).
@@ -389,34 +517,43 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Ru
             raw = tomllib.loads(path.read_text())
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"{path}: not valid TOML ({e})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the config must be a table, got {_short(raw)}")
     for key, value in (overrides or {}).items():
         set_dotted(raw, key, value)
-    return parse_config(raw, source=str(path))
+    return parse_config(raw, source=str(path), trust_code=trust_code)
 
 
 def set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
-    """Set ``raw["a"]["b"][0]["c"] = value`` for ``key = "a.b.0.c"`` (creating tables as needed)."""
+    """Set ``raw["a"]["b"][0]["c"] = value`` for ``key = "a.b.0.c"`` (creating tables as needed).
+
+    Raises:
+        ConfigError: an empty part, an index that a list does not have, or a part below a value that is neither a
+            table nor a list (``name.x`` where ``name`` is a string).
+    """
     parts = key.split(".")
+    if not all(parts):
+        raise ConfigError(f"--set {key}: empty part in the dotted key")
     cur: Any = raw
-    for i, p in enumerate(parts[:-1]):
-        nxt = parts[i + 1]
+    for i, p in enumerate(parts):
+        here = ".".join(parts[:i]) or "the config"
+        if not isinstance(cur, (dict, list)):
+            raise ConfigError(f"--set {key}: {here}={_short(cur)} is a {type(cur).__name__}, not a table, "
+                              f"so it has no field {p!r}")
         if isinstance(cur, list):
-            try:
+            if not p.isdigit() or int(p) >= len(cur):
+                raise ConfigError(f"--set {key}: {here} has no element {p!r} (it has {len(cur)})")
+            if i == len(parts) - 1:
+                cur[int(p)] = value
+            else:
                 cur = cur[int(p)]
-            except (ValueError, IndexError):
-                raise ConfigError(f"{key}: no element {p!r}") from None
             continue
-        if p not in cur:
-            cur[p] = [] if nxt.isdigit() else {}
-        cur = cur[p]
-    last = parts[-1]
-    if isinstance(cur, list):
-        try:
-            cur[int(last)] = value
-        except (ValueError, IndexError):
-            raise ConfigError(f"{key}: no element {last!r}") from None
-    else:
-        cur[last] = value
+        if i == len(parts) - 1:
+            cur[p] = value
+        else:
+            if p not in cur:
+                cur[p] = [] if parts[i + 1].isdigit() else {}
+            cur = cur[p]
 
 
 def config_diff(a: Any, b: Any, prefix: str = "") -> list[str]:

@@ -5,10 +5,10 @@ CIFAR-10) fit comfortably in memory, so they are loaded once into float32
 tensors and minibatches are produced by indexing those tensors with a random
 permutation; there is no per-sample Python work and no DataLoader.
 
-Data files are never downloaded.  They are looked up, in order, in an
-explicit ``data_dir`` argument, in ``$LCOMPRESS_DATA`` and in
-``/usr/share/datasets/<name>`` (where the Debian package
-``dataset-fashion-mnist`` installs Fashion-MNIST).
+Data files are never downloaded.  They are looked up in an explicit
+``data_dir`` argument (only there, when it is given), or else in
+``$LCOMPRESS_DATA`` and in ``/usr/share/datasets/<name>`` (where the Debian
+package ``dataset-fashion-mnist`` installs Fashion-MNIST).
 """
 
 from __future__ import annotations
@@ -183,10 +183,11 @@ def _candidates(name: str, data_dir: Optional[PathLike]) -> list[Path]:
     subdirs = [name]
     if name == "cifar10":
         subdirs = ["cifar-10-batches-py", "cifar10", "cifar10/cifar-10-batches-py"]
-    if data_dir is not None:
+    if data_dir is not None:  # an explicit directory is the only place looked: no silent fallback elsewhere
         base = Path(data_dir).expanduser()
         out.append(base)
         out.extend(base / s for s in subdirs)
+        return out
     env = os.environ.get(ENV_VAR)
     if env:
         base = Path(env).expanduser()
@@ -199,16 +200,22 @@ def _candidates(name: str, data_dir: Optional[PathLike]) -> list[Path]:
 def find_data_dir(name: str, data_dir: Optional[PathLike] = None) -> Path:
     """Return the directory holding the files of dataset ``name``.
 
-    ``name`` is ``"fashion-mnist"``, ``"mnist"`` or ``"cifar10"``.  Searched
-    in order: ``data_dir`` and ``data_dir/<name>``; ``$LCOMPRESS_DATA`` and
-    ``$LCOMPRESS_DATA/<name>``; ``/usr/share/datasets/<name>``.  The first
-    directory holding all the required files wins.
+    ``name`` is ``"fashion-mnist"``, ``"mnist"`` or ``"cifar10"``.  With
+    ``data_dir``, only ``data_dir`` and ``data_dir/<name>`` are searched (a
+    directory given explicitly that lacks the files is an error, never a
+    reason to take the data from somewhere else).  Without it, in order:
+    ``$LCOMPRESS_DATA`` and ``$LCOMPRESS_DATA/<name>``;
+    ``/usr/share/datasets/<name>``.  The first directory holding all the
+    required files wins.
 
     Raises ``FileNotFoundError`` listing every place looked and how to get
-    the data; ``ValueError`` for an unknown dataset name.
+    the data (first of all when ``data_dir`` is not a directory);
+    ``ValueError`` for an unknown dataset name.
     """
     if name not in _KNOWN:
         raise ValueError(f"unknown dataset {name!r}; known: {', '.join(sorted(_KNOWN))}")
+    if data_dir is not None and not Path(data_dir).expanduser().is_dir():
+        raise FileNotFoundError(f"{str(data_dir)!r} is not a directory (no such directory to read dataset {name!r} from)")
     looked: list[str] = []
     for d in _candidates(name, data_dir):
         missing = [f for f in _KNOWN[name] if _resolve(d, f) is None]

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import copy
 import csv
+import io
 import json
 import logging
 import time
 from pathlib import Path
 from typing import Any, Callable
 
+from ._io import atomic_write, atomic_write_text
 from .config import RunConfig, parse_config
 
 __all__ = ["SCHEMES", "BASE", "scheme_config", "run_demo", "plot_tradeoff", "write_csv", "format_table"]
@@ -142,7 +144,7 @@ def run_demo(
                 "seconds": time.perf_counter() - t,
             }
         )
-        (out / "summary.json").write_text(json.dumps(rows, indent=2))
+        atomic_write_text(json.dumps(rows, indent=2), out / "summary.json")
     write_csv(rows, out / "summary.csv")
     plot_tradeoff(
         {
@@ -157,13 +159,15 @@ def run_demo(
 
 
 def write_csv(rows: list[dict[str, Any]], path: str | Path) -> None:
+    """``rows`` as CSV, written atomically (the old file or the new one, never a part)."""
     if not rows:
         return
     keys = list(rows[0])
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=keys)
-        w.writeheader()
-        w.writerows(rows)
+    buf = io.StringIO(newline="")
+    w = csv.DictWriter(buf, fieldnames=keys)
+    w.writeheader()
+    w.writerows(rows)
+    atomic_write_text(buf.getvalue(), path)
 
 
 def format_table(rows: list[dict[str, Any]], columns: list[tuple[str, str, str]]) -> str:
@@ -218,5 +222,7 @@ def plot_tradeoff(
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    png = io.BytesIO()
+    fig.savefig(png, format=Path(path).suffix.lstrip(".") or "png", dpi=120)
     plt.close(fig)
+    atomic_write(path, lambda f: f.write(png.getvalue()))

@@ -8,7 +8,8 @@ schedule and SGD L steps, evaluates Δ(Θ) on the test set, and keeps a run dire
   ‖w − Δ(Θ)‖, sizes), rewritten atomically after every step;
 * ``checkpoint.pt`` — model, optimizer, LC state, RNG states and results after the last finished step, written
   atomically (temporary file, fsync, rename), so a run killed at any moment resumes from the last good one;
-* ``lc_state.pt`` — the final LC state; ``model.lcz`` — the compact compressed model (when export is available).
+* ``lc_state.pt`` — the final LC state; ``model.lcz`` — the compact compressed model (when export is available);
+* ``.lock`` — while a process runs there: one process per run directory (a second one is refused).
 
 Distributed: under ``torchrun`` every rank calls :func:`run_compress`; each reads its shard of every batch, the
 model is wrapped in DistributedDataParallel, and only rank 0 writes files and shows progress. The losses recorded
@@ -21,6 +22,7 @@ import copy
 import json
 import logging
 import math
+import pickle
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -31,7 +33,8 @@ from torch import nn
 
 from ._io import atomic_save, atomic_write_text
 from .algorithm import LC, clip_lr
-from .config import ConfigError, RunConfig, config_diff, resolve_entry_point
+from ._rundir import LOCK_NAME, DirectoryLock, remove_stale_temporaries
+from .config import BUILTIN_DATASETS, ConfigError, RunConfig, check_device, config_diff, resolve_entry_point
 from .data import Dataset, batches
 from .schedules import auto_schedule, geometric
 from .training import evaluate, load_checkpoint, save_checkpoint, train_reference
@@ -51,6 +54,8 @@ logger = logging.getLogger(__name__)
 
 RUN_FORMAT = "lcompress-run"
 RUN_VERSION = 1
+#: the files of a run directory (besides log.txt and the lock)
+RUN_FILES = ("config.json", "results.json", "checkpoint.pt", "lc_state.pt", "model.lcz")
 
 
 class RunInterrupted(Exception):
@@ -58,39 +63,66 @@ class RunInterrupted(Exception):
 
 
 # ---- model and data ---------------------------------------------------------------------------------------------
-def load_data(cfg: RunConfig, data_dir: str | None = None) -> Dataset:
-    """The config's dataset as in-memory tensors (``data_dir`` overrides ``data.dir``)."""
+def load_data(cfg: RunConfig, data_dir: str | None = None, trust_code: bool | None = None) -> Dataset:
+    """The config's dataset as in-memory tensors (``data_dir`` overrides ``data.dir``).
+
+    Args:
+        cfg: the configuration.
+        data_dir: the directory to read a built-in dataset from (only there: a directory without the files is an
+            error, never a reason to read them from elsewhere).
+        trust_code: consent to run ``data.dataset`` given as ``"package.module:function"`` (see
+            :mod:`lcompress.config`); ``None`` takes the consent ``cfg`` was read with.
+
+    Raises:
+        ConfigError: naming ``data.dataset``, ``data.dir`` or ``--data-dir``: no consent to run the named code, a
+            directory that does not exist or lacks the files, a directory given for a dataset function (which
+            reads no directory), unreadable data files, or a function that returns something else.
+    """
     from . import data as D
 
     name = cfg.data.dataset
-    where = data_dir or cfg.data.dir
-    if ":" in name:
+    trust = cfg.trust_code if trust_code is None else trust_code
+    where, what = (data_dir, "--data-dir") if data_dir is not None else (cfg.data.dir, "data.dir")
+    if name not in BUILTIN_DATASETS:
+        if where is not None:
+            raise ConfigError(f"{what}={where!r}: not used by data.dataset={name!r} (a dataset function loads its "
+                              "own data); remove it")
         try:
-            out = resolve_entry_point(name, "data.dataset")()
+            out = resolve_entry_point(name, "data.dataset", trust, cfg.source)()
         except FileNotFoundError as e:
             raise ConfigError(f"data.dataset={name!r}: {_one_line(e)}") from None
         if isinstance(out, tuple) and len(out) == 4:
             out = Dataset(*out)
-        if not isinstance(out, Dataset):
+        if not isinstance(out, Dataset) or not all(isinstance(t, torch.Tensor) for t in out):
             raise ConfigError(f"data.dataset={name!r} must return lcompress.data.Dataset or (x_train, y_train, x_test, y_test)")
         return out
     loaders = {"fashion-mnist": D.load_fashion_mnist, "mnist": D.load_mnist, "cifar10": D.load_cifar10}
-    if name not in loaders:
-        raise ConfigError(f"data.dataset={name!r}: unknown dataset")
     try:
         return loaders[name](where)
     except FileNotFoundError as e:
-        raise ConfigError(f"data.dir={where!r}: {_one_line(e)}") from None
+        raise ConfigError(f"{what}={where!r}: {_one_line(e)}") from None
+    except (ValueError, pickle.UnpicklingError) as e:  # files there, but not what they should be
+        raise ConfigError(f"data.dataset={name!r}: {_one_line(e)}") from None
 
 
-def build_model(cfg: RunConfig) -> nn.Module:
-    """The config's model, freshly initialized (seeded by ``cfg.seed``)."""
-    from .models import get_model
+def build_model(cfg: RunConfig, trust_code: bool | None = None) -> nn.Module:
+    """The config's model, freshly initialized (seeded by ``cfg.seed``).
+
+    Args:
+        trust_code: consent to run ``model.name`` given as ``"package.module:function"`` (see
+            :mod:`lcompress.config`); ``None`` takes the consent ``cfg`` was read with.
+
+    Raises:
+        ConfigError: no consent to run the named code, bad ``model.args``, or a function that returns no module.
+    """
+    from .models import MODELS, get_model
 
     torch.manual_seed(cfg.seed)
     name = cfg.model.name
-    if ":" in name:
-        model = resolve_entry_point(name, "model.name")(**cfg.model.args)
+    if name not in MODELS:
+        build = resolve_entry_point(name, "model.name", cfg.trust_code if trust_code is None else trust_code,
+                                    cfg.source)
+        model = build(**cfg.model.args)
         if not isinstance(model, nn.Module):
             raise ConfigError(f"model.name={name!r} must return a torch.nn.Module")
         return model
@@ -100,21 +132,42 @@ def build_model(cfg: RunConfig) -> nn.Module:
         raise ConfigError(f"model.args={cfg.model.args!r}: {e}") from None
 
 
+def check_device_available(device: str, what: str = "device") -> torch.device:
+    """``device`` as a torch device that this machine has (a tensor can be made there).
+
+    Raises:
+        ConfigError: naming ``what``: not a device name, or not available (no CUDA build or no such GPU).
+    """
+    check_device(device, what)
+    dev = torch.device(device)
+    try:
+        torch.empty(1, device=dev)
+    except Exception as e:  # AssertionError ("Torch not compiled with CUDA enabled"), RuntimeError (ordinal), ...
+        raise ConfigError(f"{what}={device!r}: not available on this machine ({_one_line(e)})") from None
+    return dev
+
+
 def prepare_reference(cfg: RunConfig, data: Dataset, progress: bool = True, is_writer: bool = True) -> tuple[nn.Module, dict]:
     """Load the reference checkpoint, or train it when ``reference.train_epochs > 0`` and it does not exist.
 
     Raises:
-        ConfigError: no checkpoint configured, or the file is missing and training is not enabled.
+        ConfigError: no checkpoint configured, the file is missing and training is not enabled, or it is not an
+            lcompress checkpoint of the config's model (the model is then untouched).
     """
-    model = build_model(cfg).to(cfg.device)
+    model = build_model(cfg).to(check_device_available(cfg.device))
     ref = cfg.reference
     if ref.checkpoint is None:
         raise ConfigError("reference.checkpoint: a reference model checkpoint is needed (train one with `lcompress train`)")
     path = Path(ref.checkpoint)
     if path.is_file():
-        meta = load_checkpoint(path, model)
+        try:
+            meta = load_checkpoint(path, model)
+        except (ValueError, RuntimeError) as e:
+            raise ConfigError(f"reference.checkpoint={str(path)!r}: {_one_line(e)}") from None
         logger.info("reference loaded from %s (test error %s%%)", path, meta.get("test_error"))
         return model, meta
+    if path.exists():
+        raise ConfigError(f"reference.checkpoint={str(path)!r}: not a file")
     if ref.train_epochs <= 0:
         raise ConfigError(
             f"reference.checkpoint={str(path)!r}: file not found (train it with `lcompress train --out {path}` "
@@ -267,15 +320,26 @@ def _one_line(e: BaseException) -> str:
 def _load_run_checkpoint(path: Path) -> dict[str, Any]:
     """The run checkpoint, on the CPU (RNG states must stay there; the load_state_dict calls move the rest).
 
-    Only ``checkpoint.pt`` is ever read: a ``checkpoint.pt.tmp`` is a save that did not finish."""
+    Only ``checkpoint.pt`` is ever read: a ``checkpoint.pt.<unique>.tmp`` is a save that did not finish."""
     try:
         ck = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a file that is not a torch checkpoint at all
         raise ConfigError(f"{path}: not a readable lcompress run checkpoint ({_one_line(e)})") from None
     if not isinstance(ck, dict) or ck.get("format") != RUN_FORMAT:
         raise ConfigError(f"{path}: not an lcompress run checkpoint")
-    if ck.get("version", 0) > RUN_VERSION:
-        raise ConfigError(f"{path}: run checkpoint version {ck.get('version')} is newer than supported ({RUN_VERSION})")
+    version = ck.get("version", 0)
+    if not isinstance(version, int) or version > RUN_VERSION:
+        raise ConfigError(f"{path}: run checkpoint version {version!r} is newer than supported ({RUN_VERSION})")
+    rng = ck.get("rng")
+    if (not isinstance(ck.get("step"), int) or not all(isinstance(ck.get(k), dict) for k in ("model", "optimizer", "lc"))
+            or not isinstance(ck.get("results"), str) or not isinstance(rng, dict)
+            or not {"batches", "torch"} <= set(rng)):
+        raise ConfigError(f"{path}: an incomplete lcompress run checkpoint (step, model, optimizer, lc, rng or "
+                          "results missing or of the wrong type)")
+    try:
+        json.loads(ck["results"])["schedule"]
+    except (ValueError, KeyError, TypeError):
+        raise ConfigError(f"{path}: its results are not the JSON of a run") from None
     return ck
 
 
@@ -328,28 +392,98 @@ def run_compress(
     Resuming restores everything the continuation depends on, so an interrupted and resumed run ends bit for bit
     where an uninterrupted one does (same device and thread count): model, optimizer (momentum), LC state, the
     minibatch generator, the global RNG, the μ schedule (an "auto" one is not measured again), the step index and
-    the results so far. Only ``checkpoint.pt`` is read, never a half-written ``checkpoint.pt.tmp``.
+    the results so far. Only ``checkpoint.pt`` is read, never a temporary file of a save that did not finish;
+    such files, left by a killed process, are removed once the directory is locked.
+
+    One process per run directory: the run holds ``out_dir/.lock`` (``fcntl.flock``, see :mod:`lcompress._rundir`)
+    from its first look at an existing run directory, or from the creation of a new one, to its end; the kernel
+    releases it however the process ends, so a killed run's lock file does not block its resume.
 
     Raises:
         ConfigError: a bad or changed configuration (the differing fields named), an unknown parameter in a task,
             a missing reference checkpoint or data file, an existing run directory, a checkpoint that does not fit
-            the config. Nothing in the run directory is written before these checks pass.
+            the config, a device this machine lacks, code named by the config without consent
+            (``cfg.trust_code``). Nothing in the run directory is written before these checks pass.
+        lcompress._rundir.DirectoryBusy: (a ConfigError) another process holds the run directory; nothing touched.
+        FloatingPointError: an L step diverged (the run directory keeps the last good step).
+        OSError: a write failed (disk full, read-only directory); every file is the old one or the new one.
         RunInterrupted: ``should_stop`` returned True (results so far are saved).
     """
+    held: list[DirectoryLock] = []
+    try:
+        return _run_compress(cfg, Path(out_dir), resume, force, data, data_dir, progress, should_stop, export,
+                             on_ready, held)
+    finally:
+        for lock in held:
+            lock.release()
+
+
+def _check_no_run(out: Path) -> None:
+    if (out / "results.json").exists() or (out / "checkpoint.pt").exists():
+        raise ConfigError(f"run directory {str(out)!r} already holds a run; use --resume, or another --out")
+
+
+def _is_run_dir(out: Path) -> bool:
+    return (out / "config.json").is_file() or (out / LOCK_NAME).exists()
+
+
+def _lock_run_dir(out: Path, writer: bool, world: int, held: list, check: Callable[[], None] | None = None) -> None:
+    """One process per run directory: rank 0 takes its lock (then runs ``check``, under the lock), and every rank
+    learns whether that failed (a collective under torchrun: every rank calls it at the same point), so that all
+    of them raise instead of some waiting for the others. Stale temporaries of killed writers go once it is held."""
+    err: ConfigError | None = None
+    if writer:
+        lock = DirectoryLock(out, "run directory", hint="or give another --out")
+        try:
+            lock.acquire()
+            if check is not None:
+                check()
+        except ConfigError as e:
+            lock.release()
+            err = e
+        else:
+            held.append(lock)
+            remove_stale_temporaries(out, RUN_FILES)
+    if world > 1:
+        import torch.distributed as dist
+
+        flag = torch.tensor([0 if err is None else 1], device=_flag_device())
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if int(flag.item()) and err is None:
+            err = ConfigError(f"run directory {str(out)!r}: refused by rank 0 (its message says why)")
+    if err is not None:
+        raise err
+
+
+def _run_compress(cfg, out, resume, force, data, data_dir, progress, should_stop, export, on_ready, held) -> dict:
     rank, world = _dist_info()
     writer = rank == 0
-    out = Path(out_dir)
     ckpt_path = out / "checkpoint.pt"
     cfg_dict = cfg.to_dict()
     # Validate everything before writing anything: a bad config, a missing file or a changed config leaves the run
-    # directory as it was.
+    # directory as it was. A directory that already is a run directory is locked first (one process per run
+    # directory); a new one is locked when it is created, just before the first write.
+    device = check_device_available(cfg.device)
+    locked = out.is_dir() and _is_run_dir(out)
+    if world > 1:  # every rank must take the same path through the collectives of _lock_run_dir
+        import torch.distributed as dist
+
+        flag = torch.tensor([int(locked)], device=_flag_device())
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        locked = bool(flag.item())
+    if locked:
+        _lock_run_dir(out, writer, world, held)
     diff: list[str] = []
     ck: dict[str, Any] | None = None
     if resume:
         cfg_file = out / "config.json"
         if not cfg_file.is_file():
             raise ConfigError(f"--resume {str(out)!r}: not a run directory (no config.json there)")
-        diff = config_diff(json.loads(cfg_file.read_text()), cfg_dict)
+        try:
+            saved = json.loads(cfg_file.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{cfg_file}: not valid JSON ({_one_line(e)})") from None
+        diff = config_diff(saved, cfg_dict)
         if diff and not force:
             raise ConfigError(
                 f"the config differs from the run being resumed ({'; '.join(diff)}); use --force to resume anyway"
@@ -358,12 +492,11 @@ def run_compress(
             ck = _load_run_checkpoint(ckpt_path)
         else:
             logger.warning("%s: no checkpoint.pt (stopped during the first LC step): starting from the beginning", out)
-    elif (out / "results.json").exists() or ckpt_path.exists():
-        raise ConfigError(f"run directory {str(out)!r} already holds a run; use --resume, or another --out")
+    else:
+        _check_no_run(out)
 
     if data is None:
         data = load_data(cfg, data_dir)
-    device = torch.device(cfg.device)
     x_train, y_train = data.x_train.to(device), data.y_train.to(device)
     x_test, y_test = data.x_test.to(device), data.y_test.to(device)
     model, ref_meta = prepare_reference(cfg, data, progress=progress and writer, is_writer=writer)
@@ -444,6 +577,9 @@ def run_compress(
 
     if writer:
         out.mkdir(parents=True, exist_ok=True)
+    if not locked:  # a new run directory: locked now that it exists; meanwhile another run may have finished there
+        _lock_run_dir(out, writer, world, held, check=None if resume else lambda: _check_no_run(out))
+    if writer:
         if ck is None or diff:
             atomic_write_text(json.dumps(cfg_dict, indent=2), out / "config.json")
         if on_ready is not None:

@@ -12,6 +12,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
+from ._rundir import DirectoryLock
 from .algorithm import LC
 from .config import ConfigError, RunConfig, config_diff, load_config
 from .data import Dataset, batches
@@ -68,7 +69,9 @@ def retrain_pruned(cfg: RunConfig, data: Dataset, progress: bool = False) -> dic
 
 
 def _slug(v: Any) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", str(v))
+    """A value as the name of its run directory under the sweep's: one plain name ('.' and '..' are not)."""
+    s = re.sub(r"[^A-Za-z0-9_.-]+", "_", str(v))
+    return s if s.strip(".") else s.replace(".", "_") or "_"
 
 
 def run_sweep(
@@ -82,6 +85,7 @@ def run_sweep(
     progress: bool = True,
     should_stop: Callable[[], bool] | None = None,
     on_ready: Callable[[], None] | None = None,
+    trust_code: bool = False,
 ) -> list[dict[str, Any]]:
     """For each value of the dotted config key ``vary``: an LC run, its direct compression and the requested
     baselines. Writes ``sweep.csv`` and ``sweep.png`` (test error vs compression ratio, log x) under ``out_dir``.
@@ -93,13 +97,19 @@ def run_sweep(
         baselines: among ``"dc"`` (always recorded) and ``"retrain"`` (magnitude pruning + retraining; pruning
             tasks only). Default: dc, plus retrain when every task is ConstraintL0Pruning.
         on_ready: called once the settings were validated and ``out_dir`` exists (the CLI opens its log there).
+        trust_code: consent to import the model or dataset function the config names as
+            ``"package.module:function"`` (see :mod:`lcompress.config`).
 
     Returns:
         rows: value, method (LC, DC, retrain), test error, ratio.
 
+    One sweep per ``out_dir``: it is locked (``out_dir/.lock``) for the whole sweep, and each run directory by
+    its run.
+
     Raises:
         ConfigError: a bad key, value or baseline (nothing is written then), or a run directory of ``out_dir``
             that holds a run of a different config (an earlier sweep's; its finished runs are reused otherwise).
+        lcompress._rundir.DirectoryBusy: (a ConfigError) another process holds ``out_dir``.
     """
     from .compressions import ConstraintL0Pruning
     from .experiment import load_data, run_compress
@@ -109,7 +119,7 @@ def run_sweep(
     out = Path(out_dir)
     cfgs = []
     for v in values:
-        cfg = load_config(config, {**(overrides or {}), vary: v})
+        cfg = load_config(config, {**(overrides or {}), vary: v}, trust_code=trust_code)
         cfg.name = f"{cfg.name}_{_slug(v)}"
         cfgs.append(cfg)
     pruning = all(isinstance(c, ConstraintL0Pruning) for c in cfgs[0].task_map().values())
@@ -122,12 +132,26 @@ def run_sweep(
     for v, cfg in zip(values, cfgs):
         saved = out / _slug(v) / "config.json"
         if saved.is_file():
-            diff = config_diff(json.loads(saved.read_text()), cfg.to_dict())
+            try:
+                old = json.loads(saved.read_text())
+            except (ValueError, UnicodeDecodeError) as e:
+                raise ConfigError(f"{saved}: not valid JSON ({e}); use another --out") from None
+            diff = config_diff(old, cfg.to_dict())
             if diff:
                 raise ConfigError(f"{str(saved.parent)!r} holds a run of another config ({'; '.join(diff)}); "
                                   "use another --out")
+    if len({_slug(v) for v in values}) < len(values):
+        raise ConfigError(f"--values {' '.join(map(str, values))}: two values share a run directory name "
+                          f"({', '.join(_slug(v) for v in values)})")
     data = load_data(cfgs[0], data_dir)
     out.mkdir(parents=True, exist_ok=True)
+    with DirectoryLock(out, "sweep directory", hint="or give another --out"):
+        return _sweep(cfgs, values, vary, wanted, out, data, progress, should_stop, on_ready)
+
+
+def _sweep(cfgs, values, vary, wanted, out: Path, data: Dataset, progress, should_stop, on_ready) -> list[dict[str, Any]]:
+    from .experiment import run_compress
+
     if on_ready is not None:
         on_ready()
     rows: list[dict[str, Any]] = []

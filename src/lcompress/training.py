@@ -199,19 +199,53 @@ def load_checkpoint(path: PathLike, model: Optional[nn.Module] = None) -> dict:
     is given its parameters and buffers are replaced (strictly: keys must
     match).  Returns the ``meta`` dict; the raw state dict is available as
     ``meta["state_dict"]`` only if no model was given.
+
+    Raises ``FileNotFoundError`` if there is no such file; ``ValueError``
+    naming the file if it is not a torch file, not an lcompress checkpoint
+    or of a newer version; ``RuntimeError`` naming the keys if it does not
+    fit ``model``, which is then left as it was.
     """
     path = Path(path)
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # pickle, zip and torch errors alike: not a torch file we can read
+        msg = " ".join(str(exc).split())[:200]
+        raise ValueError(f"{path}: not a readable torch checkpoint ({type(exc).__name__}: {msg})") from None
     if not isinstance(obj, dict) or obj.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path}: not an lcompress checkpoint")
-    if obj.get("version", 0) > CHECKPOINT_VERSION:
+    version = obj.get("version", 0)
+    if not isinstance(version, int) or version > CHECKPOINT_VERSION:
         raise ValueError(
-            f"{path}: checkpoint version {obj['version']} is newer than supported "
+            f"{path}: checkpoint version {version!r} is newer than supported "
             f"({CHECKPOINT_VERSION})"
         )
-    meta = json.loads(obj["meta_json"])
+    state = obj.get("state_dict")
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{path}: its state_dict is not a dict of tensors")
+    try:
+        meta = json.loads(obj.get("meta_json", "{}"))
+    except (TypeError, ValueError):
+        raise ValueError(f"{path}: its meta_json is not valid JSON") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path}: its meta_json is not a JSON object")
     if model is not None:
-        model.load_state_dict(obj["state_dict"], strict=True)
+        own = model.state_dict()
+        missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+        bad = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+        if missing or unexpected or bad:
+            parts = []
+            if missing:
+                parts.append(f"missing {', '.join(missing[:5])}")
+            if unexpected:
+                parts.append(f"unexpected {', '.join(unexpected[:5])}")
+            if bad:
+                parts.append("shape of " + ", ".join(
+                    f"{k} {tuple(state[k].shape)} (the model's {tuple(own[k].shape)})" for k in bad[:5]))
+            # RuntimeError, as torch's own load_state_dict raises, but before anything was copied
+            raise RuntimeError(f"{path}: does not fit the model ({'; '.join(parts)})")
+        model.load_state_dict(state, strict=True)
     else:
-        meta["state_dict"] = obj["state_dict"]
+        meta["state_dict"] = state
     return meta
