@@ -171,9 +171,12 @@ def _coarse_optimal_codebook(cnt: Tensor, sm: Tensor, lo: Tensor, width: Tensor,
     cost = torch.where(dn > 0, cost.clamp_min(0), torch.zeros_like(cost))
     m_idx = torch.arange(N.numel(), device=cnt.device)
     cost = torch.where(m_idx[:, None] <= m_idx[None, :], cost, torch.full_like(cost, float("inf")))
+    # more clusters than occupied coarse bins: each occupied bin alone is already optimal (zero cost), so the DP
+    # stops there and the rest of the codebook repeats values (O(occupied · coarse²), not O(k · coarse²))
+    k_dp = min(k, max(1, int((cnt_c > 0).sum())))
     D = cost[0]
     arg = []
-    for _ in range(1, k):
+    for _ in range(1, k_dp):
         tot = D[:, None] + cost
         D, a = tot.min(0)
         arg.append(a)
@@ -188,10 +191,28 @@ def _coarse_optimal_codebook(cnt: Tensor, sm: Tensor, lo: Tensor, width: Tensor,
     # an empty cluster (more clusters than occupied bins) sits on its neighbour's value
     mean = torch.where(n_seg > 0, mean, torch.full_like(mean, float("nan")))
     valid = torch.nonzero(n_seg > 0).reshape(-1)
-    if valid.numel() < k:
-        fill = mean[valid][torch.clamp(torch.searchsorted(valid, torch.arange(k, device=cnt.device)), max=valid.numel() - 1)]
+    if valid.numel() < k_dp:
+        fill = mean[valid][torch.clamp(torch.searchsorted(valid, torch.arange(k_dp, device=cnt.device)), max=valid.numel() - 1)]
         mean = torch.where(torch.isnan(mean), fill, mean)
+    if k_dp < k:
+        mean = torch.sort(torch.cat([mean, mean[-1:].expand(k - k_dp)])).values
     return mean.to(cnt.dtype)
+
+
+def _companded_codebook(cnt: Tensor, lo: Tensor, width: Tensor, k: int, coarse: int = 256) -> Tensor:
+    """A cold start for large K: K points spread with density ∝ p(x)^⅓, p the data's density on a coarse histogram.
+
+    That is the asymptotically optimal spacing of a K-level quantizer (Panter–Dite), so Lloyd starts near a
+    good optimum with K distinct values, where the coarse dynamic programme could only give ``coarse``.
+    """
+    nb = cnt.numel()
+    g = max(1, nb // coarse)
+    lam = cnt.reshape(-1, g).sum(1).double().pow(1.0 / 3.0)
+    cum = torch.cat([lam.new_zeros(1), torch.cumsum(lam, 0)])
+    targets = (torch.arange(k, device=cnt.device, dtype=torch.float64) + 0.5) * (float(cum[-1]) / k)
+    j = torch.searchsorted(cum[1:], targets).clamp_(max=lam.numel() - 1)
+    frac = ((targets - cum[j]) / lam[j].clamp_min(1e-300)).clamp_(0.0, 1.0)
+    return (lo.double() + (j.double() + frac) * (g * width.double())).to(cnt.dtype)
 
 
 def _hist_distortion(cnt: Tensor, sm: Tensor, c: Tensor) -> float:
@@ -215,11 +236,14 @@ def kmeans_1d(
     Lloyd's algorithm, made cheap by running its iterations on a fine histogram of the data (2¹⁶ equal-width
     bins by default): building the histogram is two passes over the weights, each Lloyd iteration then costs
     O(K log B) regardless of n. Lloyd starts from the exact optimum of a coarse (256-bin) histogram, found by
-    dynamic programming, which keeps it out of poor local optima on multimodal data; given ``init`` (a warm start,
-    e.g. the previous C step's codebook) it also runs from ``init`` and keeps whichever is better. A final pass
-    over the real data assigns every weight to its nearest centroid and sets each centroid to the mean of its
-    weights, so the returned pair is a Lloyd step on the exact data. Tested to land within 2% of
-    :func:`kmeans_1d_exact` on weight-like and bimodal data.
+    dynamic programming, which keeps it out of poor local optima on multimodal data. For K > 256, more values
+    than that optimum has, it starts instead from K points spaced with density ∝ p(x)^⅓ (the asymptotically
+    optimal spacing of a K-level quantizer). Given ``init`` (a warm start, e.g. the previous C step's codebook)
+    it also runs from ``init`` and keeps whichever is better. A final pass over the real data assigns every
+    weight to its nearest centroid and sets each centroid to the mean of its weights, so the returned pair is a
+    Lloyd step on the exact data. Tested to land within 2% of :func:`kmeans_1d_exact` on weight-like and bimodal
+    data for K ≤ 256; for larger K (clusters of a few weights each) measured within 1.2–1.9× of it, below the
+    Panter–Dite estimate n/(12K²)·(∫p^⅓)³.
 
     Empty clusters keep their previous centroid.
 
@@ -242,7 +266,9 @@ def kmeans_1d(
         raise ValueError("kmeans_1d needs at least one value")
     cnt, sm, lo, width, b = _histogram(xf, bins)
     stop = float(tol) * float(width) * bins
-    c = _lloyd_hist(cnt, sm, lo, width, _coarse_optimal_codebook(cnt, sm, lo, width, k), max_iter, stop)
+    # the coarse optimum has at most 256 distinct values; beyond that a companded spacing gives K distinct ones
+    cold = _coarse_optimal_codebook(cnt, sm, lo, width, k) if k <= 256 else _companded_codebook(cnt, lo, width, k)
+    c = _lloyd_hist(cnt, sm, lo, width, cold, max_iter, stop)
     if init is not None:
         if init.numel() != k:
             raise ValueError(f"init has {init.numel()} entries but k={k}")

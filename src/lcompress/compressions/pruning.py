@@ -58,6 +58,15 @@ class _Sparse(Compression):
                     "(a codebook's entries are stored in float32)"
                 )
 
+    def check_shape(self, shape, task=None):
+        super().check_shape(shape, task)
+        n = math.prod(shape)
+        if self.value_codebook is not None and self.value_codebook > n:
+            raise ValueError(
+                self._where(task) + f"value_codebook={self.value_codebook} exceeds the number of weights ({n}); "
+                f"use 1 <= value_codebook <= {n}"
+            )
+
     def _config(self) -> dict[str, Any]:
         cfg: dict[str, Any] = {"value_dtype": _DTYPE_NAMES[self.value_dtype]}
         if self.value_codebook is not None:

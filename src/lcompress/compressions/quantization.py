@@ -1,6 +1,7 @@
 """Quantization: every weight takes one of K values (a codebook), stored as ⌈log₂ K⌉-bit codes."""
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -70,7 +71,7 @@ class AdaptiveQuantization(_Codebook):
     programming (:func:`lcompress.functional.kmeans_1d_exact`).
 
     Args:
-        k: codebook size K ≥ 1 (⌈log₂ K⌉ bits per weight).
+        k: codebook size K, 1 ≤ K ≤ the task's number of weights (⌈log₂ K⌉ bits per weight).
         exact: use the globally optimal solver.
 
     >>> q = AdaptiveQuantization(k=2)
@@ -90,6 +91,15 @@ class AdaptiveQuantization(_Codebook):
 
     def _config(self) -> dict[str, Any]:
         return {"k": self._k, "exact": self.exact}
+
+    def check_shape(self, shape, task=None):
+        super().check_shape(shape, task)
+        n = math.prod(shape)
+        if self._k > n:
+            raise ValueError(
+                self._where(task) + f"AdaptiveQuantization k={self._k} exceeds the number of weights ({n}); "
+                f"use 1 <= k <= {n}"
+            )
 
     def _compress(self, w: Tensor, mu: float) -> Tensor:
         if self.exact:
