@@ -436,3 +436,219 @@ def test_equal_content_gives_equal_bytes(tmp_path, saved_bytes):
     assert outs == {saved_bytes}
     n, table = _frame(saved_bytes)
     assert list(table) == sorted(table) and list(table["__metadata__"]) == sorted(table["__metadata__"])
+
+
+# ---- hostile files: one error class naming the field, nothing allocated or touched before the checks -----------------
+import base64 as _b64  # noqa: E402
+import copy as _copy  # noqa: E402
+import hashlib as _hashlib  # noqa: E402
+import zlib as _zlib  # noqa: E402
+
+import test_fuzz_lcz as fz  # noqa: E402  (tests/ is on sys.path: the fuzz module's file editors)
+
+
+@pytest.fixture(scope="module")
+def fuzz_base():
+    return fz.make_base()  # (bytes, model template, model bytes)
+
+
+def _edited(data, fn):
+    _, header, _ = fz.split(data)
+    fn(header)
+    return fz.rebuild(data, header)
+
+
+def _untouched(model, template):
+    return [type(m) for m in model.modules()] == [type(m) for m in template.modules()] and all(
+        torch.equal(v, template.state_dict()[k]) for k, v in model.state_dict().items())
+
+
+def test_error_classes_are_public_value_errors():
+    assert lc.CorruptFileError is export.CorruptFileError and lc.ModelMismatchError is export.ModelMismatchError
+    assert issubclass(export.CorruptFileError, ValueError) and issubclass(export.ModelMismatchError, export.CorruptFileError)
+    assert {"CorruptFileError", "ModelMismatchError"} <= set(export.__all__) and "CorruptFileError" in lc.__all__
+
+
+_FIELD_CASES = {  # the issue's raw Python exceptions, each now a CorruptFileError naming the field
+    "k <= 0 with a codebook": (lambda h: fz._task(h, "fc1.weight")["theta"]["parts"][0].update(k=0, width=0),
+                               "theta.parts[0].k = 0"),
+    "negative shape": (lambda h: fz._entry(h, "fc2.bias").__setitem__(2, [-16]), "('fc2.bias').shape = [-16]"),
+    "true as an offset": (lambda h: fz._task(h, "fc1.weight")["theta"]["parts"][0].update(codebook=[True, 8]),
+                          "theta.parts[0].codebook = [True, 8]"),
+    "1-part sum for a 2-part config": (lambda h: fz._task(h, "fc1.weight")["theta"]["parts"].pop(),
+                                       "('fc1.weight').theta.parts"),
+    "shape of the wrong type": (lambda h: fz._entry(h, "fc1.weight").__setitem__(2, "64x128"),
+                                "('fc1.weight').shape = '64x128'"),
+    "huge k": (lambda h: fz._task(h, "fc1.weight")["theta"]["parts"][0].update(k=2**40), "parts[0].k = 1099511627776"),
+    "huge nnz": (lambda h: fz._task(h, "fc1.weight")["theta"]["parts"][1].update(nnz=10**12), "parts[1].nnz"),
+    "segment beyond the blob": (lambda h: fz._task(h, "fc2.weight")["theta"].update(mask=[10**9, 128]), "theta.mask"),
+    "bad conv_scheme": (lambda h: fz._task(h, "conv.weight").update(conv_scheme="scheme_9"), "conv_scheme = 'scheme_9'"),
+    "missing field": (lambda h: fz._task(h, "fc2.weight")["theta"].pop("nnz"), "theta.nnz is missing"),
+    "unknown dtype": (lambda h: fz._entry(h, "bn.running_mean").__setitem__(1, "float128"), "dtype = 'float128'"),
+}
+
+
+@pytest.mark.parametrize("case", list(_FIELD_CASES))
+def test_malformed_header_names_the_field_in_every_reader(fuzz_base, case, tmp_path):
+    data, template, _ = fuzz_base
+    fn, field = _FIELD_CASES[case]
+    path = tmp_path / "bad.lcz"
+    path.write_bytes(_edited(data, fn))
+    model = _copy.deepcopy(template)
+    for call in (lambda: export.read(path), lambda: export.inspect(path), lambda: lc.load(path, model),
+                 lambda: lc.load(path, model, compact=True)):
+        with pytest.raises(export.CorruptFileError) as e:
+            call()
+        msg = str(e.value)
+        assert msg.startswith(f"{path}: ") and field in msg and "\n" not in msg, msg
+    assert _untouched(model, template)
+
+
+def test_a_failed_compact_load_leaves_the_model_untouched(fuzz_base, monkeypatch):
+    """The issue's case (a bad conv_scheme) is refused by the header check; a payload that passes the checks but
+    does not decode, and a compact layer that cannot be built, are refused before the model is written too."""
+    data, template, _ = fuzz_base
+    _, header, _ = fz.split(data)
+    cb = fz._task(header, "fc1.weight")["theta"]["parts"][0]["codebook"]
+
+    def one_entry(h):  # a 1-entry codebook for 1-bit codes: a code 1 lies beyond it
+        fz._task(h, "fc1.weight")["theta"]["parts"][0].update(entries=1, codebook=[cb[0], 4])
+    bad = _edited(data, one_entry)
+    model = _copy.deepcopy(template)
+    with pytest.raises(export.CorruptFileError, match="beyond its 1-entry codebook"):
+        lc.load(bad, model, compact=True)
+    assert _untouched(model, template)
+
+    from lcompress import nn as lnn
+
+    real, calls = lnn._compact_layer, []
+
+    def fails_second(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise ValueError("simulated failure building a compact layer")
+        return real(*a, **k)
+    monkeypatch.setattr(lnn, "_compact_layer", fails_second)
+    with pytest.raises(export.CorruptFileError, match="simulated failure"):
+        lc.load(data, model, compact=True)
+    assert len(calls) == 2 and _untouched(model, template)
+    monkeypatch.setattr(lnn, "_compact_layer", real)
+    lc.load(data, model, compact=True)  # and the good file loads, biases included
+    got = export.read(data)["state"]
+    assert type(model.fc1) is nn.Linear  # a sum stays a dense layer
+    assert isinstance(model.conv, lnn.LowRankConv2d) and torch.equal(model.conv.second.bias, got["conv.bias"])
+    assert torch.equal(model.fc1.bias, got["fc1.bias"]) and model.again is model.fc2
+
+
+def test_inspect_decodes_nothing(fuzz_base, monkeypatch):
+    """A valid 8 KB file claiming a 2⁴⁰-weight layer (a 1-entry codebook stores no codes): inspect reports it,
+    read with max_bytes and load refuse it, and none of them allocates it."""
+    data, template, model_bytes = fuzz_base
+    bomb = next(d for label, d, _ in fz.named_cases(data) if label.startswith("consistent"))
+    rows = export.inspect(bomb)
+    assert next(r for r in rows if r["task"] == "fc1.weight")["weights"] == 2**40
+    with pytest.raises(export.CorruptFileError, match="max_bytes"):
+        export.read(bomb, max_bytes=10 * model_bytes)
+    with pytest.raises(export.ModelMismatchError, match=r"'fc1.weight' has shape \(1048576, 1048576\)"):
+        lc.load(bomb, _copy.deepcopy(template))
+
+    def no_decoding(*a, **k):
+        raise AssertionError("inspect decoded a tensor")
+    monkeypatch.setattr(export, "_decode", no_decoding)
+    monkeypatch.setattr(export, "_bytes_tensor", no_decoding)
+    assert [r["task"] for r in export.inspect(data)][-2:] == ["(uncompressed)", "(header)"]
+
+
+def test_read_max_bytes(fuzz_base):
+    data, _, _ = fuzz_base
+    state = export.read(data)["state"]
+    _, header, _ = fz.split(data)
+    aliases = {e[0] for e in header["entries"] if e[3][0] == "alias"}
+    need = sum(v.numel() * v.element_size() for k, v in state.items() if k not in aliases)
+    assert export.read(data, max_bytes=need)["state"].keys() == state.keys()
+    with pytest.raises(export.CorruptFileError, match=f"take {need} bytes decoded, more than max_bytes={need - 1}"):
+        export.read(data, max_bytes=need - 1)
+    with pytest.raises(ValueError, match="max_bytes=-1"):
+        export.read(data, max_bytes=-1)
+
+
+def test_header_inflate_is_bounded_and_checksum_comes_before_parsing(fuzz_base, monkeypatch):
+    data, _, _ = fuzz_base
+    bomb = next(d for label, d, _ in fz.named_cases(data) if label.startswith("zlib bomb"))
+    asked = []
+    real = _zlib.decompressobj
+
+    class Spy:
+        def __init__(self):
+            self.d = real()
+
+        def decompress(self, raw, max_length=0):
+            asked.append(max_length)
+            out = self.d.decompress(raw, max_length)
+            asked.append(len(out))
+            return out
+
+        def __getattr__(self, name):
+            return getattr(self.d, name)
+    monkeypatch.setattr(export.zlib, "decompressobj", Spy)
+    cap = export.HEADER_MAX_FIXED + export.HEADER_MAX_RATIO * len(bomb)
+    with pytest.raises(export.CorruptFileError, match=f"inflates to more than {cap} bytes"):
+        export.inspect(bomb)
+    assert asked == [cap + 1, cap + 1]  # 64 MB in the stream, cap + 1 bytes inflated
+    monkeypatch.setattr(export.zlib, "decompressobj", real)
+    # JSON that does not parse, with the recorded checksum left as it was: the checksum is what fails
+    table, _, payload = fz.split(data)
+    table["__metadata__"]["header"] = _b64.b64encode(_zlib.compress(b"[" * 5000)).decode()
+    with pytest.raises(export.CorruptFileError, match="checksum mismatch"):
+        export.read(fz.frame(table, payload))
+    # ... and with it recomputed, the JSON is what fails
+    with pytest.raises(export.CorruptFileError, match="not JSON"):
+        export.read(fz.rebuild(data, header_json=b"[" * 5000))
+
+
+def test_real_headers_are_far_below_the_limits():
+    """ResNet-110's header (656 entries, the most regular names, zlib's best ratio seen: 12.5) against the caps."""
+    torch.manual_seed(0)
+    alg = lc.LC(get_model("resnet110"), {"re:.*conv.*weight": lc.AdaptiveQuantization(2)})
+    data, _ = export.to_bytes(alg)
+    table, header, _ = fz.split(data)
+    hj = json.dumps(header, separators=(",", ":")).encode()
+    assert len(hj) < 0.5 * len(data) < export.HEADER_MAX_RATIO * len(data)
+    assert export._tokens(hj) < 0.05 * len(data) < export.TOKENS_MAX_RATIO * len(data)
+    assert export._tokens(data[8 : 8 + struct.unpack("<Q", data[:8])[0]]) < export.FRAME_MAX_TOKENS / 4
+    assert export.read(data)["header"] == header
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027, 0o077])
+def test_written_files_follow_the_umask(tmp_path, saved, umask):
+    from lcompress._io import atomic_save, atomic_write_text
+
+    old = os.umask(umask)
+    try:
+        torch.manual_seed(0)
+        alg = lc.LC(get_model("lenet300"), {"fc1.weight": lc.BinaryQuantization()})
+        alg.export(tmp_path / "m.lcz")
+        atomic_save({"a": 1}, tmp_path / "c.pt")
+        atomic_write_text("x", tmp_path / "t.json")
+        for f in ("m.lcz", "c.pt", "t.json"):
+            assert (tmp_path / f).stat().st_mode & 0o777 == 0o666 & ~umask, f
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["c.pt", "m.lcz", "t.json"]  # no temporaries left
+    finally:
+        os.umask(old)
+
+
+def test_cli_inspect_of_a_bad_file_is_one_line_and_exit_2(tmp_path, saved_bytes, capsys, isolated_cli):
+    from lcompress.cli import main
+
+    good, bad = tmp_path / "good.lcz", tmp_path / "bad.lcz"
+    good.write_bytes(saved_bytes)
+    bad.write_bytes(saved_bytes[:-7])
+    assert main(["inspect", str(good), "-q"]) == 0
+    out = capsys.readouterr().out
+    assert "fc1.weight" in out and "AdaptiveQuantization" in out
+    assert main(["inspect", str(bad), "-q"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"lcompress: error: {bad}: truncated .lcz file") and err.count("\n") == 1, err
+    assert main(["inspect", str(tmp_path), "-q"]) == 2  # a directory: an OSError, also one line
+    err = capsys.readouterr().err
+    assert err.startswith("lcompress: error:") and str(tmp_path) in err and err.count("\n") == 1, err

@@ -350,13 +350,13 @@ def test_onnx_export_of_compact_model_runs_in_onnxruntime(tmp_path):
     assert _close(torch.from_numpy(y), sk(x))
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
 def test_compact_modules_keep_the_layer_dtype(dtype):
     lin = nn.Linear(16, 8).to(dtype)
     conv = nn.Conv2d(2, 4, 3).to(dtype)
     mods = [
         LowRankLinear.from_factors(lin, torch.randn(8, 2), torch.randn(2, 16)),
-        SparseLinear.from_indices(lin, torch.tensor([0, 5, 100]), torch.randn(3)) if dtype == torch.float64 else None,
+        SparseLinear.from_indices(lin, torch.tensor([0, 5, 100]), torch.randn(3)),
         CodebookLinear.from_codes(lin, torch.tensor([-1.0, 1.0]), torch.randint(0, 2, (8, 16))),
         LowRankConv2d.from_factors(conv, torch.randn(4, 2), torch.randn(2, 18)),
         CodebookConv2d.from_codes(conv, torch.tensor([-1.0, 1.0]), torch.randint(0, 2, (4, 2, 3, 3))),
@@ -364,3 +364,47 @@ def test_compact_modules_keep_the_layer_dtype(dtype):
     for m in filter(None, mods):
         x = torch.randn(2, 2, 5, 5, dtype=dtype) if "Conv" in type(m).__name__ else torch.randn(3, 16, dtype=dtype)
         assert m(x).dtype == dtype
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("bias", [True, False])
+def test_sparse_linear_in_half_precision_on_cpu(dtype, bias):
+    """CPU CSR products have no half-precision kernels; the layer multiplies in float32 and rounds once, so it
+    matches the exact product of its half-precision weights, rounded to the dtype (a float64 dense reference)."""
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 24, bias=bias)
+    with torch.no_grad():
+        lin.weight.mul_(torch.rand_like(lin.weight) < 0.1)
+    half = lin.to(dtype)
+    m = SparseLinear.from_dense(half)
+    assert m.values.dtype == dtype and m.nnz == int((half.weight != 0).sum())
+    x = torch.randn(2, 5, 64).to(dtype)
+    y = m(x)
+    ref = x.double() @ half.weight.double().t() + (half.bias.double() if bias else 0)
+    assert y.dtype == dtype and y.shape == (2, 5, 24)
+    # one rounding of a float32 accumulation: within an ulp of the exact value
+    eps = torch.finfo(dtype).eps
+    assert float((y.double() - ref).abs().max()) <= eps * (1 + float(ref.abs().max()))
+    if bias:  # gradients reach the half-precision bias through the cast
+        y.float().sum().backward()
+        assert m.bias.grad.dtype == dtype and torch.equal(m.bias.grad, torch.full((24,), 10.0, dtype=dtype))
+
+
+def test_half_precision_pruned_model_loads_compact_and_runs(tmp_path):
+    def net(dtype):
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10)).to(dtype)
+
+    for dtype in (torch.float16, torch.bfloat16):
+        model = net(dtype)
+        alg = lc.LC(model, {"0.weight": lc.ConstraintL0Pruning(fraction=0.05)})
+        alg.export(tmp_path / "h.lcz")
+        sk = lc.load(tmp_path / "h.lcz", net(dtype), compact=True)
+        assert isinstance(sk[0], SparseLinear) and sk[0].values.dtype == dtype
+        x = torch.randn(4, 64).to(dtype)
+        with alg.compressed():
+            want = model(x)
+        got = sk(x)
+        assert got.dtype == dtype
+        # the dense half layer rounds its own way; both are within a few ulps of the exact product
+        assert float((got.float() - want.float()).abs().max()) <= 4 * torch.finfo(dtype).eps * float(want.abs().max())

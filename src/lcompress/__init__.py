@@ -22,6 +22,7 @@ from .compressions import (
     ScaledTernaryQuantization,
     TernaryQuantization,
 )
+from .export import CorruptFileError, ModelMismatchError
 from .schedules import auto_schedule, geometric
 
 
@@ -40,6 +41,8 @@ __all__ = [
     "geometric",
     "auto_schedule",
     "load",
+    "CorruptFileError",
+    "ModelMismatchError",
     "Compression",
     "NotCompressedError",
     "AdaptiveQuantization",

@@ -28,12 +28,14 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], Any]) -> None:
     """Call ``write(f)`` on a temporary ``<path>.<pid>.<random>.tmp`` beside ``path`` (unique, so that two
     writers never share one), flush and fsync it, then rename it over ``path``.
 
-    On any error (or interruption) the temporary file is removed and ``path`` is left as it was.
+    The file gets the permissions of any new file, 0o666 less the user's umask (a temporary file from
+    ``tempfile.mkstemp`` would be 0o600, and the rename would keep that). On any error (or interruption) the
+    temporary file is removed and ``path`` is left as it was.
     """
     path = Path(path)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
     try:
-        with open(tmp, "xb") as f:
+        with open(tmp, "xb") as f:  # (open() creates with mode 0o666 & ~umask)
             write(f)
             f.flush()
             os.fsync(f.fileno())
