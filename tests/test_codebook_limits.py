@@ -61,3 +61,89 @@ def test_large_k_uses_k_distinct_values_and_beats_the_high_resolution_estimate(n
     # gave 2.3 and 32 on the first two
     assert d < 1.25 * _panter_dite(x, k)
     assert torch.unique(c[a.long()]).numel() > 0.8 * k
+
+
+# ---- weights near float32's range ------------------------------------------------------------------------------
+F32_MAX = torch.finfo(torch.float32).max
+
+
+def big_weights(kind, n=3000, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    u = torch.rand(n, generator=g, dtype=torch.float64)
+    if kind == "span":  # both signs, up to 0.97 of float32's max: differences and sums overflow
+        x = (u * 2 - 1) * 0.97 * F32_MAX
+    elif kind == "positive":  # all near the top: sums and midpoints overflow
+        x = (0.3 + 0.67 * u) * F32_MAX
+    else:  # 1e36: a single value fits, the sum of 3000 does not
+        x = torch.randn(n, generator=g, dtype=torch.float64) * 1e36
+    return x.float()
+
+
+@pytest.mark.parametrize("kind", ["span", "positive", "1e36"])
+@pytest.mark.parametrize("k", [2, 4, 16, 300])
+def test_kmeans_near_the_float32_range_is_finite_and_scale_exact(kind, k):
+    x = big_weights(kind)
+    c, a = F.kmeans_1d(x, k)
+    assert torch.isfinite(c).all()
+    # k-means commutes with scaling by a power of two: the same codes, the codebook scaled
+    c2, a2 = F.kmeans_1d(x * 2.0 ** -100, k)
+    assert torch.equal(a, a2) and torch.equal(c, c2 * 2.0 ** 100)
+    if k > 16:  # (the exact solver takes seconds for K = 300; the large-K quality is tested above)
+        return
+    # and it is a good k-means: within 2% of the exact optimum (float64 throughout), measured in float64
+    ce, ae = F.kmeans_1d_exact(x, k)
+    d = float(((x.double() - c.double()[a.long()]) ** 2).sum())
+    de = float(((x.double() - ce.double()[ae]) ** 2).sum())
+    assert math.isfinite(de) and d <= 1.02 * de
+
+
+@pytest.mark.parametrize("kind", ["span", "positive", "1e36"])
+def test_scaled_codebooks_near_the_float32_range_match_float64(kind):
+    x = big_weights(kind)
+    x64 = x.double()
+    sb = lc.ScaledBinaryQuantization()
+    sb.compress(x)
+    assert float(sb.theta["codebook"][1]) == pytest.approx(float(x64.abs().mean()), rel=1e-5)
+    st = lc.ScaledTernaryQuantization()
+    out = st.compress(x)
+    mags = torch.sort(x64.abs(), descending=True).values
+    s = torch.cumsum(mags, 0)
+    best = float((x64 ** 2).sum() - (s * s / torch.arange(1, x.numel() + 1, dtype=torch.float64)).max())
+    assert torch.isfinite(st.theta["codebook"]).all()
+    assert float(((x64 - out.double()) ** 2).sum()) == pytest.approx(best, rel=1e-5)
+    # the same as on the weights scaled into the normal range (a power of two is exact)
+    assert torch.equal(out, lc.ScaledTernaryQuantization().compress(x * 2.0 ** -100) * 2.0 ** 100)
+    fa = lc.FixedAssignmentQuantization(torch.arange(x.numel()) % 3)
+    fa.compress(x)
+    want = torch.stack([x64[j::3].mean() for j in range(3)])
+    assert torch.allclose(fa.theta["codebook"].double(), want, rtol=1e-5)
+
+
+def test_big_weights_export_a_finite_codebook(tmp_path):
+    net = Tiny()
+    with torch.no_grad():
+        net.fc.weight.copy_(big_weights("span", 512).reshape(16, 32))
+    alg = lc.LC(net, {"fc.weight": lc.AdaptiveQuantization(k=4)})
+    alg.export(tmp_path / "big.lcz")
+    got = lc.export.read(tmp_path / "big.lcz")
+    assert torch.isfinite(got["thetas"][0]["codebook"]).all()
+    with alg.compressed():
+        assert torch.equal(got["state"]["fc.weight"], net.fc.weight.detach())
+
+
+@pytest.mark.parametrize("comp", [lambda: lc.LowRank(rank=2), lambda: lc.RankSelection(1e-3)])
+def test_low_rank_of_weights_beyond_float32_svd_is_a_clear_error_naming_the_task(comp):
+    net = Tiny()
+    with torch.no_grad():
+        net.fc.weight.copy_(big_weights("span", 512).reshape(16, 32))
+    before = net.fc.weight.detach().clone()
+    with pytest.raises(ValueError, match=r"task 'fc.weight'.*too large for float32"):
+        lc.LC(net, {"fc.weight": comp()})
+    assert torch.equal(net.fc.weight, before)
+
+
+def test_a_non_finite_codebook_is_never_stored():
+    q = lc.AdaptiveQuantization(k=2)
+    with pytest.raises(ValueError, match="non-finite codebook"):
+        q._set(torch.tensor([-math.inf, math.inf]), torch.tensor([0, 1]))
+    assert not q.is_compressed

@@ -309,7 +309,10 @@ class LC:
                     )
                 inputs.append(x)
             for t, x in zip(self.tasks, inputs):
-                out = t.compression.compress(x, mu, check=False)  # inputs were checked above
+                try:
+                    out = t.compression.compress(x, mu, check=False)  # inputs were checked above
+                except ValueError as e:  # e.g. weights too large for float32: say which task
+                    raise ValueError(f"c_step: task {t.name!r}: {e}") from e
                 new.extend(d.to(p.dtype).contiguous() for d, p in zip(t.scatter(out), t.params))
         except Exception as e:
             for t, s in zip(self.tasks, saved):

@@ -93,9 +93,29 @@ def group_means(x: Tensor, idx: Tensor, k: int, fallback: Tensor | None = None) 
     return means, counts
 
 
-def _histogram(xf: Tensor, bins: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+def _pow2_shift(value: float, budget: float) -> int:
+    """The least s ≥ 0 with value · 2⁻ˢ ≤ budget.
+
+    Multiplying by 2⁻ˢ is exact in floating point (down to the subnormal range), and the C steps that use this
+    (k-means, scaled binary/ternary, group means) commute with it: run on x·2⁻ˢ, they give the same codes and
+    2⁻ˢ times the values. So a C step whose sums would overflow float32 (weights near its range) runs on scaled
+    weights instead; values below 2⁻¹²⁶⁺ˢ, far below the precision of the result, are the only ones rounded.
+    """
+    if not value > budget:
+        return 0
+    return max(0, math.ceil(math.log2(value / budget)))
+
+
+def _sums_budget(dtype: torch.dtype, n: int) -> float:
+    """Largest |x| for which sums of n values, differences and midpoints of two stay finite in ``dtype``."""
+    return torch.finfo(dtype).max / (2.0 * (n + 4))
+
+
+def _histogram(
+    xf: Tensor, bins: int, lo_hi: tuple[Tensor, Tensor] | None = None
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Counts and sums of ``xf`` over ``bins`` equal-width bins spanning [min, max], and each value's bin."""
-    lo, hi = torch.aminmax(xf)
+    lo, hi = torch.aminmax(xf) if lo_hi is None else lo_hi
     width = (hi - lo).clamp_min(torch.finfo(xf.dtype).tiny) / bins
     b = ((xf - lo) / width).to(torch.int32).clamp_(0, bins - 1)
     cnt = torch.bincount(b, minlength=bins).to(xf.dtype)
@@ -264,7 +284,14 @@ def kmeans_1d(
     n = xf.numel()
     if n == 0:
         raise ValueError("kmeans_1d needs at least one value")
-    cnt, sm, lo, width, b = _histogram(xf, bins)
+    lo_hi = torch.aminmax(xf)
+    if xf.dtype in (torch.float32, torch.float64):
+        shift = _pow2_shift(max(-float(lo_hi[0]), float(lo_hi[1])), _sums_budget(xf.dtype, n))
+        if shift:  # weights near the dtype's range: cluster x·2⁻ˢ (exact, see _pow2_shift) and scale back
+            down = 2.0 ** -shift
+            c, idx = kmeans_1d(xf * down, k, None if init is None else init * down, max_iter, bins, tol)
+            return c * 2.0 ** shift, idx
+    cnt, sm, lo, width, b = _histogram(xf, bins, lo_hi)
     stop = float(tol) * float(width) * bins
     # the coarse optimum has at most 256 distinct values; beyond that a companded spacing gives K distinct ones
     cold = _coarse_optimal_codebook(cnt, sm, lo, width, k) if k <= 256 else _companded_codebook(cnt, lo, width, k)
@@ -297,7 +324,11 @@ def scaled_binary(x: Tensor) -> tuple[Tensor, Tensor]:
     Returns:
         (a as 0-d tensor, signs as bool tensor, True meaning +a).
     """
-    return x.abs().mean(), x >= 0
+    a = x.abs().mean()
+    if not bool(torch.isfinite(a)):  # the sum overflowed (weights near the dtype's range): average x·2⁻ˢ instead
+        shift = x.numel().bit_length() + 1
+        a = (x * 2.0 ** -shift).abs().mean() * 2.0 ** shift
+    return a, x >= 0
 
 
 def ternary(x: Tensor) -> Tensor:
@@ -325,6 +356,11 @@ def scaled_ternary(x: Tensor, bins: int = 4096) -> tuple[Tensor, Tensor]:
     m = ax.max()
     if n == 0 or float(m) == 0.0:
         return ax.new_zeros(()), torch.zeros(x.shape, dtype=torch.int8, device=x.device)
+    # S(t)² below must stay finite: S(t) ≤ n·max|x| ≤ √(dtype max) / 4, else work on x·2⁻ˢ (exact, see _pow2_shift)
+    shift = _pow2_shift(float(m) * n, math.sqrt(torch.finfo(ax.dtype).max) / 4)
+    if shift:
+        a, signs = scaled_ternary(x * 2.0 ** -shift, bins)
+        return a * 2.0 ** shift, signs
     # bin b holds |x| in [b·w, (b+1)·w); the top bin is closed so max lands in it
     width = m / bins
     b = (ax / width).to(torch.int32).clamp_(max=bins - 1)

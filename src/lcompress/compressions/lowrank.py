@@ -80,8 +80,15 @@ class _Factors(Compression):
             )
 
     def _set(self, a: Tensor, b: Tensor) -> Tensor:
+        out = a @ b
+        # a matrix near float32's range overflows the SVD (or its factors): say so rather than store ±inf/NaN
+        if not (bool(torch.isfinite(out).all()) and bool(torch.isfinite(a).all()) and bool(torch.isfinite(b).all())):
+            raise ValueError(
+                f"{type(self).__name__}: the SVD of the weights is not finite in float32: the weights are too large "
+                "for float32 arithmetic"
+            )
         self._theta = {"A": a.contiguous(), "B": b.contiguous()}
-        return a @ b
+        return out
 
     def _decompress(self) -> Tensor:
         th = self._theta
@@ -219,6 +226,11 @@ class RankSelection(_Factors):
     def _compress(self, w: Tensor, mu: float) -> Tensor:
         shape = tuple(w.shape)
         u, s, vh = torch.linalg.svd(w, full_matrices=False)
+        if not bool(torch.isfinite(s).all()):
+            raise ValueError(
+                f"{type(self).__name__}: the SVD of the weights is not finite in float32: the weights are too large "
+                "for float32 arithmetic"
+            )
         r = F.rank_select(s, self.alpha, mu, self.cost_per_rank(shape), max_rank=self.rank_limit(shape),
                           dense_cost=self.dense_cost(shape))
         if r is None:

@@ -37,7 +37,13 @@ class _Codebook(Compression):
 
     def _set(self, codebook: Tensor, codes: Tensor) -> Tensor:
         k = codebook.numel()
-        self._theta = {"codebook": codebook.float(), "codes": codes.reshape(-1).to(_codes_dtype(k))}
+        codebook = codebook.float()
+        if not bool(torch.isfinite(codebook).all()):  # K values: a cheap last guard, so no file holds ±inf
+            raise ValueError(
+                f"{type(self).__name__}: the C step gave a non-finite codebook {codebook[:8].tolist()}: the weights "
+                "are too large for float32 arithmetic"
+            )
+        self._theta = {"codebook": codebook, "codes": codes.reshape(-1).to(_codes_dtype(k))}
         return self._decompress_shape(codes.shape)
 
     def _decompress_shape(self, shape) -> Tensor:
@@ -253,6 +259,9 @@ class FixedAssignmentQuantization(_Codebook):
     def _compress(self, w: Tensor, mu: float) -> Tensor:
         a = self.assignments.to(w.device)
         c, _ = F.group_means(w.reshape(-1), a, self._k)
+        if not bool(torch.isfinite(c).all()):  # a group's sum overflowed: average w·2⁻ˢ (exact) and scale back
+            shift = w.numel().bit_length() + 1
+            c = F.group_means(w.reshape(-1) * 2.0 ** -shift, a, self._k)[0] * 2.0 ** shift
         return self._set(c, a.reshape(w.shape))
 
     def state_dict(self):
