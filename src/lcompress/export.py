@@ -808,9 +808,10 @@ class _Check:
             name = self.str_(e[0], f"{f}.name")
             if name in info:
                 raise self.fail(f"{f}.name", name, "repeats an earlier entry")
-            dt = self.dtype(e[1], f"{f} ({name!r}).dtype")
-            shape = self.shape(e[2], f"{f} ({name!r}).shape")
-            src, fs = e[3], f"{f} ({name!r}).source"
+            f = f"{f} ({_short(name, 80)})"
+            dt = self.dtype(e[1], f"{f}.dtype")
+            shape = self.shape(e[2], f"{f}.shape")
+            src, fs = e[3], f"{f}.source"
             kind = src[0] if isinstance(src, list) and src else None
             if kind == "dense":
                 self.list_(src, fs, 3)
@@ -831,7 +832,7 @@ class _Check:
         for ti, t in enumerate(tasks):
             f = f"tasks[{ti}]"
             self.str_(self.get(t, "name", f), f"{f}.name")
-            f = f"tasks[{ti}] ({t['name']!r})"
+            f = f"tasks[{ti}] ({_short(t['name'], 80)})"
             params = self.list_(self.get(t, "params", f), f"{f}.params")
             if not params or not all(isinstance(p, str) and p in info for p in params) or len(set(params)) != len(params):
                 raise self.fail(f"{f}.params", params, "are not distinct names of entries")
@@ -1009,7 +1010,7 @@ def _decode_all(
         for ti in need_tasks:
             t = tasks[ti]
             tname, shapes = t["name"], [info[p][2] for p in t["params"]]
-            theta = _decode(t["theta"], rd, t["compression"], f"task {tname!r}")
+            theta = _decode(t["theta"], rd, t["compression"], f"task {_short(tname, 80)}")
             d = _delta(theta, t["view"])
             if t["matrix"]:
                 outs = [from_matrix(d, tuple(shapes[0]), t["conv_scheme"])]
@@ -1025,13 +1026,14 @@ def _decode_all(
         for name, dname, shape, src in wanted:
             dt = _DTYPES[dname]
             if src[0] == "dense":
-                state[name] = _bytes_tensor(rd.seg("dense", src[1:], f"entry {name!r}"), dt, shape, f"entry {name!r}")
+                w = f"entry {_short(name, 80)}"
+                state[name] = _bytes_tensor(rd.seg("dense", src[1:], w), dt, shape, w)
             elif src[0] == "task":
                 state[name] = task_values[src[1]][src[2]].to(dt).contiguous()
             else:
                 state[name] = state[src[1]]
             if list(state[name].shape) != list(shape):
-                raise CorruptFileError(f"entry {name!r} decodes to {tuple(state[name].shape)}, not {tuple(shape)}")
+                raise CorruptFileError(f"entry {_short(name, 80)} decodes to {tuple(state[name].shape)}, not {tuple(shape)}")
     except (ValueError, KeyError, TypeError, IndexError) as e:
         # the header was checked, so what is left is a payload that does not decode (a code beyond its codebook,
         # a support that does not add up)
@@ -1057,7 +1059,7 @@ def _check_skeleton(header: Mapping[str, Any], sd: Mapping[str, Tensor], strict:
         vname = str(v.dtype).removeprefix("torch.")
         if list(v.shape) != list(shape) or vname != dname:
             problems.append(
-                f"{name!r} has shape {_short(tuple(shape))} and dtype {dname} in the file but shape {tuple(v.shape)} "
+                f"{_short(name, 80)} has shape {_short(tuple(shape))} and dtype {dname} in the file but shape {tuple(v.shape)} "
                 f"and dtype {vname} in the model"
             )
     if problems:
