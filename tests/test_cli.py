@@ -8,6 +8,7 @@ import csv
 import hashlib
 import io
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -329,3 +330,222 @@ def test_entry_point_in_a_subprocess(synth, workdir):
     bad = subprocess.run([S.lcompress_exe(), "compress", cfg, "--out", "run", "-q"], cwd=workdir,
                          env=S.subprocess_env(root), capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and bad.stderr.startswith("lcompress: error: run directory 'run' already holds a run")
+
+
+# ---- more bad input: exit 2, one line, nothing written ---------------------------------------------------------
+def _bad_input_cases(workdir: Path, ref: Path) -> dict:
+    """case -> (config sections, extra argv, strings the error must hold)."""
+    text = workdir / "notes.pt"
+    text.write_text("not a checkpoint")
+    other = workdir / "other.pt"
+    from lcompress.training import save_checkpoint
+
+    save_checkpoint(other, get_model("mlp", sizes=[S.DIM, 8, S.CLASSES]), {})
+    existing = workdir / "datadir"
+    existing.mkdir()
+    return {
+        "device": ({"device": "banana"}, [], ["device='banana'", "not a torch device"]),
+        "unavailable_device": ({"device": "cuda:99"}, [], ["device='cuda:99'", "not available"]),
+        "weight_decay": ({"optimizer": {"weight_decay": -0.1}}, [], ["optimizer.weight_decay=-0.1", ">= 0"]),
+        "penalty_fraction_inf": ({"schedule": {"mu": "auto", "mu0": None, "factor": None}},
+                                 ["--set", "schedule.penalty_fraction=inf"], ["schedule.penalty_fraction=inf", "finite"]),
+        "mu0_nan": ({}, ["--set", "schedule.mu0=nan"], ["schedule.mu0=nan", "finite"]),
+        "mu_list_inf": ({"schedule": {"mu": [1e-3, float("inf")], "mu0": None, "factor": None}}, [],
+                        ["schedule.mu", "inf"]),
+        "steps_1e9": ({}, ["--set", "schedule.steps=1e9"], ["schedule.steps=1000000000.0", "expected int"]),
+        "steps_int": ({}, ["--set", "schedule.steps=1000000000"], ["schedule.steps=1000000000", "100000"]),
+        "mu_overflow": ({}, ["--set", "schedule.steps=200", "--set", "schedule.factor=2.0"],
+                        ["schedule.steps=200", "overflows float32"]),
+        "reference_not_torch": ({"ref": text}, [],
+                                ["reference.checkpoint", str(text), "not a readable torch checkpoint"]),
+        "reference_other_model": ({"ref": other}, [],
+                                  ["reference.checkpoint", str(other), "does not fit the model", "fc1.weight"]),
+        "set_below_a_string": ({}, ["--set", "name.x=1"], ["--set name.x", "name='synth'", "not a table"]),
+        "set_empty_part": ({}, ["--set", "optimizer..lr=1"], ["--set optimizer..lr", "empty part"]),
+        "data_dir_missing": ({"data": {"dataset": "fashion-mnist"}}, ["--data-dir", "/nonexistent/lc"],
+                             ["--data-dir='/nonexistent/lc'", "not a directory"]),
+        "data_dir_unused": ({}, ["--data-dir", str(existing)], ["--data-dir", "not used by data.dataset"]),
+        "reference_lr": ({}, ["--set", "reference.lr=-1.0"], ["reference.lr=-1.0"]),
+    }
+
+
+BAD_INPUT = ["device", "unavailable_device", "weight_decay", "penalty_fraction_inf", "mu0_nan", "mu_list_inf",
+             "steps_1e9", "steps_int", "mu_overflow", "reference_not_torch", "reference_other_model",
+             "set_below_a_string", "set_empty_part", "data_dir_missing", "data_dir_unused", "reference_lr"]
+
+
+@pytest.mark.parametrize("case", BAD_INPUT)
+def test_more_bad_input_is_exit_2_with_one_line_and_nothing_written(case, synth, workdir):
+    _, ref = synth
+    sections, extra, expect = _bad_input_cases(workdir, ref)[case]
+    cfg = cfg_file(workdir / "c.toml", sections.pop("ref", ref), **sections)
+    out = workdir / "run"
+    rc, _, err = run_main(["compress", cfg, "--out", str(out), "-q", *extra])
+    assert rc == 2, err
+    assert err.startswith("lcompress: error: ") and err.count("\n") == 1, err
+    for e in expect:
+        assert e in err, (e, err)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("name", ["../escape", "/tmp/lc_escape", "a/b", "..", ".", "", "a\\b"])
+def test_a_run_name_cannot_leave_the_runs_directory(name, synth, workdir):
+    _, ref = synth
+    cfg = cfg_file(workdir / "c.toml", ref, name=name)
+    rc, _, err = run_main(["compress", cfg, "-q"])
+    assert rc == 2 and f"name={name!r}: must be a plain directory name" in err and err.count("\n") == 1, err
+    assert sorted(p.name for p in workdir.iterdir()) == ["c.toml"]
+    assert not (workdir.parent / "escape").exists() and not Path("/tmp/lc_escape").exists()
+
+
+@pytest.mark.parametrize("flag,value", [("--device", "banana"), ("--device", "cuda:99"), ("--weight-decay", "-1"),
+                                        ("--lr", "inf"), ("--lr", "0"), ("--epochs", "-1"), ("--batch-size", "0")])
+def test_bad_train_flags_are_exit_2(flag, value, synth, workdir):
+    out = workdir / "ref.pt"
+    rc, _, err = run_main(["train", "--model", "mlp", "--model-arg", f"sizes={S.SIZES}", "--dataset",
+                           f"{S.MODULE_NAME}:load", "--epochs", "1", "--out", str(out), flag, value, "-q"])
+    assert rc == 2 and err.startswith(f"lcompress: error: {flag}=") and err.count("\n") == 1, err
+    assert err.startswith(f"lcompress: error: {flag}={value}") or err.startswith(f"lcompress: error: {flag}={value!r}") \
+        or err.startswith(f"lcompress: error: {flag}={float(value)!r}"), err  # the bad value, as parsed
+    assert not out.exists()
+
+
+# ---- runtime failures: exit 3, one line, the files that were there kept ------------------------------------------
+@pytest.fixture
+def stopped_run(synth, workdir):
+    """A run stopped after its LC step 2 of 4 (the checkpoint holds step 2)."""
+    from lcompress.config import load_config
+    from lcompress.experiment import RunInterrupted, run_compress
+
+    _, ref = synth
+    cfg = cfg_file(workdir / "c.toml", ref)
+    run = workdir / "run"
+    calls = []
+
+    def stop_in_step_3():
+        calls.append(1)
+        return len(calls) > 2 * (S.N_TRAIN // 64) + 1
+
+    with pytest.raises(RunInterrupted):
+        run_compress(load_config(cfg), run, progress=False, should_stop=stop_in_step_3)
+    assert torch.load(run / "checkpoint.pt", weights_only=True)["step"] == 2
+    return cfg, run
+
+
+def test_a_diverging_l_step_is_exit_3_and_keeps_the_last_good_step(stopped_run):
+    cfg, run = stopped_run
+    kept = {f: (run / f).read_bytes() for f in ("checkpoint.pt", "results.json")}
+    rc, _, err = run_main(["compress", cfg, "--resume", str(run), "--force", "--set", "optimizer.lr=1e30",
+                           "--set", "optimizer.clip_lr=false", "-q"])
+    assert rc == 3, err
+    # (the warning about the changed config comes first)
+    assert err.splitlines()[-1].startswith("lcompress: error: the L step diverged at LC step 3"), err
+    assert "Traceback" not in err and err.count("lcompress: error") == 1
+    assert {f: (run / f).read_bytes() for f in kept} == kept
+    assert not list(run.glob("*.tmp"))
+
+
+def test_a_full_disk_is_exit_3_and_keeps_every_file_whole(stopped_run, monkeypatch):
+    import errno
+
+    from lcompress.experiment import RUN_FORMAT
+
+    cfg, run = stopped_run
+    kept = {f: (run / f).read_bytes() for f in ("checkpoint.pt", "results.json", "config.json")}
+    real_save = torch.save
+
+    def full_disk_save(obj, f, *args, **kwargs):
+        if isinstance(obj, dict) and obj.get("format") == RUN_FORMAT:
+            f.write(b"half a checkpoint")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", full_disk_save)
+    rc, _, err = run_main(["compress", "--resume", str(run), "-q"])
+    assert rc == 3, err
+    assert err.count("\n") == 1 and err.startswith("lcompress: error: [Errno 28] No space left on device"), err
+    assert {f: (run / f).read_bytes() for f in kept} == kept and not list(run.glob("*.tmp"))
+    monkeypatch.setattr(torch, "save", real_save)
+    rc, _, err = run_main(["compress", "--resume", str(run), "-q"])  # room again: it goes on from step 2
+    assert rc == 0, err
+    assert [s["step"] for s in json.loads((run / "results.json").read_text())["steps"]] == [1, 2, 3, 4]
+
+
+def test_a_log_file_that_cannot_be_written_is_one_warning_not_a_traceback_per_line(synth, workdir, monkeypatch):
+    import errno
+    import logging
+
+    class FullDisk(io.StringIO):
+        def write(self, s):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(logging.FileHandler, "_open", lambda self: FullDisk())
+    _, ref = synth
+    cfg = cfg_file(workdir / "c.toml", ref, schedule={"steps": 2})
+    rc, _, err = run_main(["compress", cfg, "--out", str(workdir / "run"), "-v"])
+    assert rc == 0, err
+    warnings = [line for line in err.splitlines() if "log file" in line]
+    assert len(warnings) == 1 and "No space left on device" in warnings[0], err
+    assert "Traceback" not in err and "Logging error" not in err
+    assert (workdir / "run" / "model.lcz").is_file()
+
+
+@pytest.fixture
+def read_only(monkeypatch):
+    """``read_only(d)``: every write, creation, rename or removal under ``d`` fails with EROFS, as on a read-only
+    mount (chmod cannot stand for one here: the suite may run as root, which ignores file modes)."""
+    import builtins
+    import errno
+
+    roots: list[str] = []
+
+    def blocked(path) -> bool:
+        try:
+            p = os.path.abspath(os.fspath(path))
+        except TypeError:
+            return False
+        return any(p == r or p.startswith(r + os.sep) for r in roots)
+
+    def refuse(path):
+        raise OSError(errno.EROFS, "Read-only file system", os.fspath(path))
+
+    real_open, real_os_open = builtins.open, os.open
+    real = {n: getattr(os, n) for n in ("mkdir", "replace", "rename", "unlink", "rmdir")}
+
+    def fake_open(file, mode="r", *args, **kwargs):
+        if isinstance(file, (str, os.PathLike)) and any(c in mode for c in "wax+") and blocked(file):
+            refuse(file)
+        return real_open(file, mode, *args, **kwargs)
+
+    def fake_os_open(path, flags, *args, **kwargs):
+        if flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT) and blocked(path):
+            refuse(path)
+        return real_os_open(path, flags, *args, **kwargs)
+
+    def guard(name):
+        def f(path, *args, **kwargs):
+            if blocked(path) or (args and name in ("replace", "rename") and blocked(args[0])):
+                refuse(path)
+            return real[name](path, *args, **kwargs)
+        return f
+
+    monkeypatch.setattr(builtins, "open", fake_open)
+    monkeypatch.setattr(os, "open", fake_os_open)
+    for n in real:
+        monkeypatch.setattr(os, n, guard(n))
+    return lambda d: roots.append(os.path.abspath(d))
+
+
+def test_a_read_only_directory_is_exit_3_and_nothing_changes(stopped_run, workdir, read_only):
+    cfg, run = stopped_run
+    before = snapshot(run)
+    read_only(run)
+    rc, _, err = run_main(["compress", "--resume", str(run), "-q"])
+    assert rc == 3, err
+    assert err.count("\n") == 1 and "Read-only file system" in err and "Traceback" not in err, err
+    ro = workdir / "ro"
+    ro.mkdir()
+    read_only(ro)
+    rc, _, err = run_main(["compress", cfg, "--out", str(ro / "run"), "-q"])
+    assert rc == 3 and "Read-only file system" in err and err.count("\n") == 1, err
+    assert snapshot(run) == before and list(ro.iterdir()) == []
