@@ -92,7 +92,17 @@ def test_user_loop_ends_feasible_and_beats_direct_compression():
 
 
 def test_reduced_rank_regression_reaches_closed_form():
-    """LC with LowRank on linear least squares reaches the reduced-rank regression optimum; DC does not."""
+    """LC with LowRank on linear least squares reaches the reduced-rank regression optimum; DC does not.
+
+    The result must not hang on float rounding. The loss's Hessian 2XᵀX/n has eigenvalues from about 0.5 to 18. With
+    the exact L step, one LC step moves the compressed point like a projected gradient step of size 1/μ. At μ ≪ 18
+    (the first steps) that step is far too long and the path is chaotic: a 1e-6 relative change of the start, the
+    size of the difference between CPU kernels (default, AVX2, AVX-512), moves where it lands at μ ≈ 3. A schedule that
+    then keeps growing μ to ~300 has too little total step Σ1/μ left to reach the optimum from there. Before, on 1 start
+    in 16 perturbed ones, and on Intel AVX-512 machines, it ended 2% above the optimum. So μ grows to just past the
+    largest curvature, where the augmented Lagrangian converges at fixed μ, and stays there. Three perturbed starts
+    stand in for three CPUs.
+    """
     g = torch.Generator().manual_seed(1)
     n, d, m, r = 400, 6, 6, 2
     scales = torch.tensor([3.0, 2.0, 1.5, 1.0, 0.7, 0.5])  # correlated inputs make DC ≠ RRR
@@ -113,26 +123,34 @@ def test_reduced_rank_regression_reaches_closed_form():
     w_dc = (u[:, :r] * s[:r]) @ vh2[:r]
     l_rrr, l_dc = loss_of(w_rrr), loss_of(w_dc)
     assert l_dc > 1.3 * l_rrr  # direct compression is clearly suboptimal here
+    curvature = float(torch.linalg.eigvalsh(2 * xd.T @ xd / n).max())
+    rise = lc.geometric(1e-2, 1.3, 31)
+    assert rise[-1] > curvature  # the held μ is past the loss's largest curvature
+    schedule = rise + [rise[-1]] * 60
 
-    model = nn.Linear(d, m, bias=False)
-    with torch.no_grad():
-        model.weight.copy_(w_ols.float())
-    alg = lc.LC(model, {"weight": lc.LowRank(rank=r)})
-    with alg.compressed():
-        assert loss_of(model.weight.detach()) == pytest.approx(l_dc, rel=1e-4)
-    opt = torch.optim.LBFGS(model.parameters(), lr=1, max_iter=100, tolerance_grad=1e-9,
-                            tolerance_change=1e-12, line_search_fn="strong_wolfe")
-    for mu in lc.geometric(1e-2, 1.3, 40):
-        def closure():
-            opt.zero_grad()
-            loss = ((y - model(x)) ** 2).sum(1).mean() + alg.penalty(mu)
-            loss.backward()
-            return loss
-        opt.step(closure)
-        alg.c_step(mu)
-    with alg.compressed():
-        l_lc = loss_of(model.weight.detach())
-    assert l_lc <= 1.01 * l_rrr, (l_lc, l_rrr, l_dc)
+    for start in range(3):
+        w0 = w_ols.float()
+        if start:
+            w0 = w0 * (1 + 1e-6 * torch.randn(w0.shape, generator=torch.Generator().manual_seed(start)))
+        model = nn.Linear(d, m, bias=False)
+        with torch.no_grad():
+            model.weight.copy_(w0)
+        alg = lc.LC(model, {"weight": lc.LowRank(rank=r)})
+        with alg.compressed():
+            assert loss_of(model.weight.detach()) == pytest.approx(l_dc, rel=1e-4)
+        opt = torch.optim.LBFGS(model.parameters(), lr=1, max_iter=100, tolerance_grad=1e-9,
+                                tolerance_change=1e-12, line_search_fn="strong_wolfe")
+        for mu in schedule:
+            def closure():
+                opt.zero_grad()
+                loss = ((y - model(x)) ** 2).sum(1).mean() + alg.penalty(mu)
+                loss.backward()
+                return loss
+            opt.step(closure)
+            alg.c_step(mu)
+        with alg.compressed():
+            l_lc = loss_of(model.weight.detach())
+        assert l_lc <= 1.01 * l_rrr, (start, l_lc, l_rrr, l_dc)
 
 
 # ---- the penalty and the C step ----------------------------------------------------------------------------------
