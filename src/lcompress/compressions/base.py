@@ -8,6 +8,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .._threads import c_step_threads
+
 __all__ = ["Compression", "NotCompressedError"]
 
 
@@ -54,6 +56,9 @@ class Compression:
             check: validate ``w`` (type, NaN/Inf, shape); callers that already did (LC, additive
                 combinations) pass False to skip a pass over the weights.
 
+        On the CPU the C step runs on one torch thread when the task is small or the machine's cores are busy
+        (:func:`lcompress._threads.c_step_threads`); ``torch.get_num_threads()`` is restored afterwards.
+
         Raises:
             TypeError: ``w`` is not a floating-point tensor.
             ValueError: ``w`` holds NaN or Inf, or its shape does not suit the compression.
@@ -68,7 +73,9 @@ class Compression:
             if mu < 0 or not math.isfinite(mu):
                 raise ValueError(f"mu={mu} must be a finite number >= 0")
             self.check_shape(tuple(w.shape))
-        out = self._compress(w.detach().float(), float(mu))
+        # small ops on one thread where a second one does not pay or the cores are busy (see _threads)
+        with c_step_threads(w.numel(), w.device):
+            out = self._compress(w.detach().float(), float(mu))
         self._shape = tuple(w.shape)
         return out.to(w.dtype)
 
