@@ -437,6 +437,159 @@ def test_load_state_dict_rejects_other_tasks():
         other2.load_state_dict(alg.state_dict())
 
 
+def _lc_snapshot(alg):
+    st = alg.state_dict()
+    return st, [t.compression.state_dict() for t in alg.tasks]
+
+
+def _same_state(a, b):
+    (sa, ca), (sb, cb) = a, b
+    assert sa["mu"] == sb["mu"] and sa["step"] == sb["step"]
+    for k in ("deltas", "lambdas"):
+        for n in sa[k]:
+            assert torch.equal(sa[k][n], sb[k][n]), (k, n)
+    for x, y in zip(ca, cb):
+        assert x["config"] == y["config"] and x["shape"] == y["shape"]
+        assert x["theta"].keys() == y["theta"].keys()
+        for key, v in x["theta"].items():
+            w = y["theta"][key]
+            assert (torch.equal(v, w) if isinstance(v, torch.Tensor) else v == w), key
+
+
+@pytest.mark.parametrize(
+    "damage", ["missing_lambda", "bad_delta_shape", "nan_lambda", "no_step", "bad_mu", "bad_theta", "short_theta"]
+)
+def test_load_state_dict_is_atomic(damage):
+    """A bad state dict raises ValueError naming what is wrong, and leaves the LC exactly as it was."""
+    model = MLP()
+    tasks = {"fc1.weight": lc.AdaptiveQuantization(k=4), ("fc2.weight", "fc3.weight"): lc.ConstraintL0Pruning(50)}
+    src = lc.LC(model, tasks)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    src.c_step(0.3)
+    state = copy.deepcopy(src.state_dict())
+    target = lc.LC(MLP(), {"fc1.weight": lc.AdaptiveQuantization(k=4), ("fc2.weight", "fc3.weight"): lc.ConstraintL0Pruning(50)})
+    target.c_step(0.1)
+    before = _lc_snapshot(target)
+    match = {
+        "missing_lambda": "lambdas\\['fc3.weight'\\]",
+        "bad_delta_shape": "deltas\\['fc2.weight'\\] has shape",
+        "nan_lambda": "finite",
+        "no_step": "'step'",
+        "bad_mu": "mu=",
+        "bad_theta": "task .*compression state is not valid",
+        "short_theta": "task .*compression state is not valid",
+    }[damage]
+    if damage == "missing_lambda":
+        del state["lambdas"]["fc3.weight"]
+    elif damage == "bad_delta_shape":
+        state["deltas"]["fc2.weight"] = state["deltas"]["fc2.weight"][:3]
+    elif damage == "nan_lambda":
+        state["lambdas"]["fc1.weight"][0, 0] = float("nan")
+    elif damage == "no_step":
+        del state["step"]
+    elif damage == "bad_mu":
+        state["mu"] = -1.0
+    elif damage == "bad_theta":  # the second task's compression state is broken; the first one loads first
+        state["tasks"][1]["compression"]["theta"] = {"garbage": 1}
+    elif damage == "short_theta":  # Θ of the wrong size: every surviving index but the last
+        theta = state["tasks"][1]["compression"]["theta"]
+        big = max((k for k, v in theta.items() if isinstance(v, torch.Tensor)), key=lambda k: theta[k].numel())
+        theta[big] = theta[big][:-1]
+    with pytest.raises((ValueError, TypeError, KeyError), match=match):
+        target.load_state_dict(state)
+    _same_state(before, _lc_snapshot(target))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_penalty_is_computed_in_float32(dtype):
+    """μ/2‖w − Δ − λ/μ‖² at μ = 1000 overflows float16 if formed in it; the value and both gradient forms match a
+    float64 closed form, and λ stays float32."""
+    model = MLP().to(dtype)
+    alg = lc.LC(model, {"fc1.weight": lc.AdaptiveQuantization(k=2), ("fc2.weight", "fc3.weight"): lc.ConstraintL0Pruning(100)})
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.5 * torch.randn_like(p))
+    alg.c_step(200.0)
+    assert all(l.dtype == torch.float32 for l in alg.lambdas.values())
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.5 * torch.randn_like(p))
+    mu = 1000.0
+    params = dict(model.named_parameters())
+    deltas, lams = alg.decompressed(), alg.lambdas
+    expected = sum(
+        mu / 2 * float(((params[n].detach().double() - deltas[n].double() - lams[n].double() / mu) ** 2).sum())
+        for n in deltas
+    )
+    assert expected > 70000  # far past float16's range: the old half-precision sum was inf
+    pen = alg.penalty(mu)
+    assert pen.dtype == torch.float32 and math.isfinite(float(pen))
+    assert float(pen) == pytest.approx(expected, rel=1e-4)
+    pen.backward()
+    loss_form = {n: params[n].grad.clone() for n in deltas}
+    for p in model.parameters():
+        p.grad = None
+    alg.penalty_grad_(mu)
+    for n in deltas:
+        exact = mu * (params[n].detach().double() - deltas[n].double() - lams[n].double() / mu)
+        for g in (loss_form[n], params[n].grad):
+            assert g.dtype == dtype
+            assert torch.allclose(g.double(), exact.to(dtype).double(), rtol=1e-2, atol=1e-2 * float(exact.abs().max())), n
+
+
+def test_subnormals_are_flushed_unless_asked_not_to():
+    """LC turns on flush-to-zero (late LC steps make many weights and multipliers subnormal, which x86 CPUs compute
+    slowly); flush_denormal=False leaves the process setting alone."""
+    supported = torch.set_flush_denormal(False)  # earlier tests' LC objects turned it on
+    try:
+        sub = torch.tensor([1e-40], dtype=torch.float32)
+        assert float(sub) != 0.0  # a subnormal float32 (below 1.2e-38)
+        lc.LC(MLP(), {"fc1.weight": lc.BinaryQuantization()}, flush_denormal=False)
+        assert float(sub * 1.0) != 0.0
+        lc.LC(MLP(), {"fc1.weight": lc.BinaryQuantization()})
+        assert float(sub * 1.0) == (0.0 if supported else float(sub))
+    finally:
+        torch.set_flush_denormal(True)
+    with pytest.raises(TypeError, match="flush_denormal"):
+        lc.LC(MLP(), {"fc1.weight": lc.BinaryQuantization()}, flush_denormal="yes")
+
+
+def test_export_and_run_warn_when_the_run_ends_infeasible(tmp_path, caplog):
+    x = torch.randn(256, 20)
+    y = torch.randint(0, 4, (256,))
+
+    sched = {"now": [1e-6, 2e-6]}
+
+    def l_step(m, penalty, step):
+        opt = torch.optim.SGD(m.parameters(), lr=lc.clip_lr(0.05, sched["now"][step]))
+        for _ in range(20):
+            loss = F.cross_entropy(m(x), y) + penalty()
+            opt.zero_grad(); loss.backward(); opt.step()
+
+    with pytest.raises(ValueError, match="feasibility_tol"):
+        lc.LC(MLP(), {"fc1.weight": lc.BinaryQuantization()}, feasibility_tol=0.0)
+    model = MLP()
+    alg = lc.LC(model, {"re:fc\\d\\.weight": lc.AdaptiveQuantization(k=2)})
+    with caplog.at_level(logging.WARNING, logger="lcompress"):
+        alg.run(l_step, sched["now"], progress=False)  # μ far too small: w stays at the reference
+    assert any("ended infeasible" in r.getMessage() for r in caplog.records)
+    rel = alg.check_feasible(warn=False)
+    assert rel > 0.1
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="lcompress"):
+        alg.export(tmp_path / "a.lcz")
+    assert [r for r in caplog.records if "ended infeasible" in r.getMessage()]
+    sched["now"] = lc.geometric(1.0, 10.0, 5)
+    alg.run(l_step, sched["now"], progress=False)  # now μ pins w to Δ
+    assert alg.check_feasible(warn=False) < 1e-3
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="lcompress"):
+        alg.export(tmp_path / "b.lcz")
+    assert not [r for r in caplog.records if "ended infeasible" in r.getMessage()]
+
+
 # ---- wrappers ---------------------------------------------------------------------------------------------------
 def test_compiled_and_prefixed_names():
     model = MLP()

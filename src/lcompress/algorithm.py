@@ -29,6 +29,21 @@ def clip_lr(lr: float, mu: float) -> float:
     return min(lr, 1.0 / mu)
 
 
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype LC keeps λ and −μt in, and computes the penalty in, for a parameter of ``dtype``: float32 for
+    half-precision weights (μ·w overflows float16 near μ = 65504/|w|, and ‖g‖² much sooner), the weight's own
+    dtype otherwise (no copies)."""
+    return torch.float32 if dtype in _HALF else dtype
+
+
+def _acc(ts: list[Tensor]) -> list[Tensor]:
+    """``ts`` in their accumulation dtype: float32 copies of half-precision tensors, the others as they are."""
+    return [t.float() if t.dtype in _HALF else t for t in ts]
+
+
 def _check_mu(mu: Any, where: str) -> float:
     if isinstance(mu, Tensor):
         mu = float(mu)
@@ -52,24 +67,25 @@ class _Penalty(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, mu: float, neg_mu_targets: list[Tensor], *params: Tensor) -> Tensor:
-        g = torch._foreach_add(neg_mu_targets, params, alpha=mu)
+        # half-precision weights: g and its norm in float32 (neg_mu_targets is float32 for them)
+        g = torch._foreach_add(neg_mu_targets, _acc(list(params)), alpha=mu)
         norms = torch._foreach_norm(g)
         ctx.mu = mu
         ctx.c = neg_mu_targets
         ctx.g = g
         ctx.save_for_backward(*params)  # so that autograd notices weights changed in place before backward
-        return torch.stack(norms).square().sum() * (0.5 / mu)
+        return torch.stack([n.float() for n in norms] if g[0].dtype in _HALF else norms).square().sum() * (0.5 / mu)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         params = ctx.saved_tensors
         g, ctx.g = ctx.g, None
         if g is None:  # a second backward through a retained graph
-            g = torch._foreach_add(ctx.c, params, alpha=ctx.mu)
+            g = torch._foreach_add(ctx.c, _acc(list(params)), alpha=ctx.mu)
         # skip the multiply for the usual grad = 1 (a host read is free on CPU; on an accelerator just multiply)
         if grad.device.type != "cpu" or float(grad) != 1.0:
             g = torch._foreach_mul(g, grad)
-        return (None, None, *g)
+        return (None, None, *(gi if gi.dtype == p.dtype else gi.to(p.dtype) for gi, p in zip(g, params)))
 
 
 def _distributed() -> bool:
@@ -158,6 +174,15 @@ class LC:
         direct_mu: μ for the initial direct compression. The default, μ → 0⁺, is the exact direct compression
             for constraint forms; penalty forms (e.g. :class:`RankSelection`) compress everything away there, so
             to compare against a meaningful direct compression pass the μ of interest (e.g. the schedule's last).
+        flush_denormal: set ``torch.set_flush_denormal(True)`` for this process (x86 CPUs; a no-op elsewhere).
+            Late in a run the weights that the penalty pins to a zero or to a codebook entry converge
+            geometrically, and tens of thousands of weights, multipliers, gradients and momentum entries become
+            subnormal floats (below 1.2·10⁻³⁸), which many x86 CPUs compute 10-100× slower: measured, an LC
+            pruning run took 170-216 s instead of 52 s, with the same result. Flushing them to zero changes no
+            result at the precision that matters. It is a process-wide setting and stays on after the run (torch
+            has no way to read it back); pass ``False`` to leave the setting alone.
+        feasibility_tol: the relative distance ‖w − Δ(Θ)‖ / ‖w‖ above which :meth:`export` and :meth:`run` warn
+            that the run ended infeasible (see :meth:`check_feasible`).
 
     Raises:
         TypeError, ValueError: bad keys or compressions, with the task named (see :func:`resolve_tasks`).
@@ -178,11 +203,19 @@ class LC:
         tasks: Mapping[Any, Compression],
         multipliers: bool = True,
         direct_mu: float | None = None,
+        flush_denormal: bool = True,
+        feasibility_tol: float = 1e-2,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if not isinstance(multipliers, bool):
             raise TypeError(f"multipliers={multipliers!r} must be True or False")
+        if not isinstance(flush_denormal, bool):
+            raise TypeError(f"flush_denormal={flush_denormal!r} must be True or False")
+        if (isinstance(feasibility_tol, bool) or not isinstance(feasibility_tol, (int, float))
+                or not (feasibility_tol > 0 and math.isfinite(feasibility_tol))):
+            raise ValueError(f"feasibility_tol={feasibility_tol!r} must be a finite number > 0")
+        self.feasibility_tol = float(feasibility_tol)
         self.wrapped_model = model
         self.model = unwrap_model(model)
         self.tasks: list[Task] = resolve_tasks(self.model, tasks)
@@ -191,7 +224,9 @@ class LC:
         self._names: list[str] = [n for t in self.tasks for n in t.param_names]
         self._deltas: list[Tensor] = [torch.zeros_like(p, requires_grad=False) for p in self._params]
         self._lambdas: list[Tensor] | None = (
-            [torch.zeros_like(p, requires_grad=False) for p in self._params] if multipliers else None
+            [torch.zeros_like(p, dtype=_acc_dtype(p.dtype), requires_grad=False) for p in self._params]
+            if multipliers
+            else None
         )
         self._neg_targets: list[Tensor] | None = None
         self._neg_targets_mu: float | None = None
@@ -201,6 +236,8 @@ class LC:
             direct_mu = _check_mu(direct_mu, "LC(direct_mu=...)")
         self._c_step(direct_mu or 0.0, update_multipliers=False)
         self.mu, self.step = None, 0
+        if flush_denormal and torch.set_flush_denormal(True):
+            logger.debug("subnormal floats are flushed to zero in this process (LC(flush_denormal=False) to keep them)")
         logger.info("direct compression done: %s", self._size_line())
 
     # ---- the two steps ------------------------------------------------------------------------------------
@@ -220,7 +257,7 @@ class LC:
         if mu != self._neg_targets_mu or isinstance(mu, bool):
             mu = _check_mu(mu, where)
             if mu != self._neg_targets_mu:
-                neg = torch._foreach_mul(self._deltas, -mu)
+                neg = torch._foreach_mul(_acc(self._deltas), -mu)
                 if self._lambdas is not None:
                     torch._foreach_sub_(neg, self._lambdas)
                 self._neg_targets, self._neg_targets_mu = neg, mu
@@ -267,7 +304,13 @@ class LC:
                 ws.append(p)
                 cs.append(c)
         for p, c in missing:
-            p.grad = torch.add(c, p.detach(), alpha=mu)
+            p.grad = torch.add(c, p.detach().to(c.dtype), alpha=mu).to(p.dtype)
+        half = [i for i, g in enumerate(grads) if g.dtype in _HALF]
+        for i in half:  # μw − μt in float32, then rounded once into the half-precision gradient
+            grads[i].add_(torch.add(cs[i], ws[i].float(), alpha=mu).to(grads[i].dtype))
+        if half:
+            keep = [i for i in range(len(grads)) if grads[i].dtype not in _HALF]
+            grads, ws, cs = [grads[i] for i in keep], [ws[i] for i in keep], [cs[i] for i in keep]
         if grads:
             torch._foreach_add_(grads, ws, alpha=mu)  # grad += μw   (two in-place passes, nothing allocated)
             torch._foreach_add_(grads, cs)  # grad += −μt
@@ -288,7 +331,7 @@ class LC:
 
     @torch.no_grad()
     def _c_step(self, mu: float, update_multipliers: bool) -> None:
-        ws = [p.detach() for p in self._params]
+        ws = _acc([p.detach() for p in self._params])
         saved = [t.compression.state_dict() for t in self.tasks]
         new: list[Tensor] = []
         try:
@@ -328,7 +371,7 @@ class LC:
         self._deltas = new
         if update_multipliers:
             # λ ← λ − μ (w − Δ)
-            torch._foreach_add_(self._lambdas, torch._foreach_sub(ws, new), alpha=-mu)
+            torch._foreach_add_(self._lambdas, torch._foreach_sub(ws, _acc(new)), alpha=-mu)
         self._neg_targets = self._neg_targets_mu = None
         if mu > 0:
             self.mu = mu
@@ -365,7 +408,8 @@ class LC:
     @torch.no_grad()
     def feasibility(self) -> dict[str, float]:
         """‖w − Δ(Θ)‖ per task and in total (key ``"total"``): how far the weights are from compressed."""
-        sq = torch.stack(torch._foreach_norm(torch._foreach_sub([p.detach() for p in self._params], self._deltas)))
+        ws = _acc([p.detach() for p in self._params])
+        sq = torch.stack(torch._foreach_norm(torch._foreach_sub(ws, _acc(self._deltas))))
         sq = (sq.float() ** 2).tolist()
         res, o = {}, 0
         for t in self.tasks:
@@ -374,6 +418,25 @@ class LC:
             o += k
         res["total"] = math.sqrt(sum(sq))
         return res
+
+    def check_feasible(self, warn: bool = True) -> float:
+        """The relative distance ‖w − Δ(Θ)‖ / ‖w‖ over every compressed parameter; with ``warn``, a warning is logged
+        when it exceeds ``feasibility_tol`` after at least one C step.
+
+        A run should end with the weights w at their compressed value Δ(Θ): then the compressed model is the
+        model the L steps trained. A run that ends far from it (μ never grew large enough) leaves a compressed model
+        that may be no better than direct compression. :meth:`export` and :meth:`run` call this.
+        """
+        w = math.sqrt(sum(float(n.float()) ** 2 for n in torch._foreach_norm(_acc([p.detach() for p in self._params]))))
+        rel = self.feasibility()["total"] / max(w, 1e-30)
+        if warn and self.step > 0 and rel > self.feasibility_tol:
+            logger.warning(
+                "the run ended infeasible: ||w - Delta(Theta)|| is %.2f%% of ||w|| after %d C steps (last mu=%.4g), "
+                "above feasibility_tol=%.2g%%; the compressed model may be far from the trained one (raise the last "
+                "mu: more steps or a larger growth factor)",
+                100 * rel, self.step, self.mu, 100 * self.feasibility_tol,
+            )
+        return rel
 
     def size_report(self) -> dict[str, Any]:
         """What a compressed file stores, in bits (see :mod:`lcompress.sizes`).
@@ -446,39 +509,93 @@ class LC:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore a :meth:`state_dict`. The task map must be the same one (names and compressions).
 
+        Atomic: everything is checked (task map, every Δ and λ present with the parameter's shape and finite,
+        μ and step) and every compression's state is loaded, before anything of this LC changes; on any error this
+        LC is left as it was.
+
         Raises:
-            ValueError: a different format, task map or multiplier setting (what differs is named).
+            ValueError: a different format, task map or multiplier setting, or a missing or misshapen entry
+                (what differs is named).
         """
+        if not isinstance(state, Mapping):
+            raise TypeError(f"state must be a mapping from LC.state_dict(), got {type(state).__name__}")
         if state.get("format") != STATE_FORMAT:
             raise ValueError(f"not an LC state dict (format={state.get('format')!r})")
-        if state.get("version", 0) > STATE_VERSION:
-            raise ValueError(f"LC state version {state.get('version')} is newer than supported ({STATE_VERSION})")
+        version = state.get("version", 0)
+        if not isinstance(version, int) or version > STATE_VERSION:
+            raise ValueError(f"LC state version {version!r} is not supported (this lcompress reads up to {STATE_VERSION})")
+        for key in ("multipliers", "mu", "step", "tasks", "deltas", "lambdas"):
+            if key not in state:
+                raise ValueError(f"LC state dict has no {key!r} entry")
         if bool(state["multipliers"]) != self.multipliers:
             raise ValueError(f"state has multipliers={state['multipliers']} but this LC has {self.multipliers}")
         saved = state["tasks"]
+        if not isinstance(saved, (list, tuple)) or not all(isinstance(s, Mapping) and "name" in s for s in saved):
+            raise ValueError("LC state dict: 'tasks' must be a list of {'name', 'params', 'compression'} records")
         if [s["name"] for s in saved] != [t.name for t in self.tasks]:
             raise ValueError(
                 f"state holds tasks {[s['name'] for s in saved]} but this LC has {[t.name for t in self.tasks]}"
             )
         for t, s in zip(self.tasks, saved):
-            if s["compression"]["config"] != t.compression.config():
-                raise ValueError(
-                    f"task {t.name!r}: state holds {s['compression']['config']}, this LC has {t.compression.config()}"
-                )
-        for n, p in zip(self._names, self._params):
-            d = state["deltas"].get(n)
-            if d is None or tuple(d.shape) != tuple(p.shape):
-                raise ValueError(f"state has no Δ of shape {tuple(p.shape)} for parameter {n!r}")
-        for t, s in zip(self.tasks, saved):
-            t.compression.load_state_dict(s["compression"])
-            t.compression.to(t.params[0].device)
-        self._deltas = [state["deltas"][n].to(p.device, p.dtype).clone() for n, p in zip(self._names, self._params)]
+            comp = s.get("compression")
+            if not isinstance(comp, Mapping) or comp.get("config") != t.compression.config():
+                got = comp.get("config") if isinstance(comp, Mapping) else comp
+                raise ValueError(f"task {t.name!r}: state holds {got}, this LC has {t.compression.config()}")
+        mu, step = state["mu"], state["step"]
+        if mu is not None and (isinstance(mu, bool) or not isinstance(mu, (int, float)) or not (mu > 0 and math.isfinite(mu))):
+            raise ValueError(f"LC state dict: mu={mu!r} must be None or a finite number > 0")
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ValueError(f"LC state dict: step={step!r} must be an integer >= 0")
+
+        def tensors(key: str) -> list[Tensor]:
+            table = state[key]
+            if not isinstance(table, Mapping):
+                raise ValueError(f"LC state dict: {key!r} must map parameter names to tensors")
+            out = []
+            for n, p in zip(self._names, self._params):
+                v = table.get(n)
+                if not isinstance(v, Tensor) or tuple(v.shape) != tuple(p.shape):
+                    what = "no tensor" if not isinstance(v, Tensor) else f"shape {tuple(v.shape)}"
+                    raise ValueError(f"LC state dict: {key}[{n!r}] has {what}; parameter {n!r} has shape {tuple(p.shape)}")
+                if not (v.is_floating_point() and bool(torch.isfinite(v).all())):
+                    raise ValueError(f"LC state dict: {key}[{n!r}] must be finite floating-point values")
+                out.append(v)
+            return out
+
+        deltas = [d.to(p.device, p.dtype).clone() for d, p in zip(tensors("deltas"), self._params)]
+        lambdas = None
         if self._lambdas is not None:
-            self._lambdas = [
-                state["lambdas"][n].to(p.device, p.dtype).clone() for n, p in zip(self._names, self._params)
-            ]
-        self.mu = state["mu"]
-        self.step = int(state["step"])
+            lambdas = [l.to(p.device, _acc_dtype(p.dtype)).clone() for l, p in zip(tensors("lambdas"), self._params)]
+        before = [t.compression.state_dict() for t in self.tasks]
+        where = ""
+        try:
+            o = 0
+            for t, s in zip(self.tasks, saved):
+                where = f"task {t.name!r}: "
+                k = len(t.params)
+                t.compression.load_state_dict(s["compression"])
+                t.compression.to(t.params[0].device)
+                # Θ must decode to the saved Δ: this checks every piece of Θ against the task's shapes
+                if not t.compression.is_compressed:
+                    raise ValueError("the state holds no Θ")
+                for d, got, n in zip(deltas[o : o + k], t.scatter(t.compression.decompress()), t.param_names):
+                    got = got.to(d.dtype)
+                    if got.shape != d.shape or not torch.allclose(
+                        got, d, rtol=1e-3, atol=1e-5 * max(float(d.abs().max()), 1e-30)
+                    ):
+                        raise ValueError(f"Θ does not decode to the saved Δ of {n!r}")
+                o += k
+        except Exception as e:
+            for t, b in zip(self.tasks, before):
+                t.compression.load_state_dict(b)
+            raise ValueError(
+                f"LC state dict: {where}the compression state is not valid ({type(e).__name__}: {e})"
+            ) from e
+        self._deltas = deltas
+        if lambdas is not None:
+            self._lambdas = lambdas
+        self.mu = None if mu is None else float(mu)
+        self.step = int(step)
         self._neg_targets = self._neg_targets_mu = None
 
     def export(self, path) -> dict[str, Any]:
@@ -489,6 +606,7 @@ class LC:
         """
         from .export import save
 
+        self.check_feasible()
         return save(self, path)
 
     # ---- a convenience driver -----------------------------------------------------------------------------
@@ -543,6 +661,7 @@ class LC:
             )
             for row in sizes["tasks"]:
                 logger.info("  task %s: %d bits (ratio %.2f)", row["task"], row["bits"], row["ratio"])
+        self.check_feasible()
         return history
 
     def __repr__(self) -> str:
