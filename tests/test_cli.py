@@ -549,3 +549,17 @@ def test_a_read_only_directory_is_exit_3_and_nothing_changes(stopped_run, workdi
     rc, _, err = run_main(["compress", cfg, "--out", str(ro / "run"), "-q"])
     assert rc == 3 and "Read-only file system" in err and err.count("\n") == 1, err
     assert snapshot(run) == before and list(ro.iterdir()) == []
+
+
+def test_a_read_only_run_directory_still_exports_elsewhere(finished_run, tmp_path, read_only, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(finished_run[0], run)
+    before = snapshot(run)
+    read_only(run)
+    assert main(["export", str(run), "--out", str(tmp_path / "mine.lcz"), "-q"]) == 0
+    assert (tmp_path / "mine.lcz").read_bytes() == (run / "model.lcz").read_bytes()
+    assert "exporting it without the lock" in capsys.readouterr().err
+    assert main(["export", str(run), "-q"]) == 3  # into the run directory itself: it cannot be written
+    err = capsys.readouterr().err
+    assert "Read-only file system" in err and err.count("\n") == 1, err
+    assert snapshot(run) == before

@@ -9,6 +9,7 @@ files are replaced atomically, so each is the old one or the new one.
 from __future__ import annotations
 
 import argparse
+import errno
 import gc
 import logging
 import os
@@ -399,8 +400,18 @@ def cmd_export(args) -> int:
 
         raise ConfigError(f"{str(run)!r} is not a finished run directory: config.json is missing")
     # the run's files must not change under the export (a compress --resume there): one process per run directory
-    with DirectoryLock(run, "run directory"):
+    lock = DirectoryLock(run, "run directory")
+    try:
+        lock.acquire()
+    except OSError as e:
+        if not args.out or e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise
+        # a run directory this user cannot write to (someone else's, a read-only mount) can still be read
+        logger.warning("cannot lock %s (%s): exporting it without the lock", run, e.strerror)
+    try:
         return _export_run(args, run)
+    finally:
+        lock.release()
 
 
 def _export_run(args, run: Path) -> int:
