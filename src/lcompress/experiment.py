@@ -431,14 +431,14 @@ def _lock_run_dir(out: Path, writer: bool, world: int, held: list, check: Callab
     """One process per run directory: rank 0 takes its lock (then runs ``check``, under the lock), and every rank
     learns whether that failed (a collective under torchrun: every rank calls it at the same point), so that all
     of them raise instead of some waiting for the others. Stale temporaries of killed writers go once it is held."""
-    err: ConfigError | None = None
+    err: Exception | None = None
     if writer:
         lock = DirectoryLock(out, "run directory", hint="or give another --out")
         try:
             lock.acquire()
             if check is not None:
                 check()
-        except ConfigError as e:
+        except Exception as e:  # busy, a run there, or an OSError (read-only): raised after the ranks agree
             lock.release()
             err = e
         else:
