@@ -711,7 +711,7 @@ def _run_compress(cfg, out, resume, force, data, data_dir, progress, should_stop
         **_sizes(alg.size_report()),
         "seconds": time.perf_counter() - t0,
     }
-    if not feasible:
+    if not feasible and not (writer and export):  # alg.export() below gives the library's warning, once
         logger.warning(
             "the run ended infeasible: ||w - Delta(Theta)|| = %.4g is %.2f%% of ||w||; the compressed model may be "
             "far from the trained one (raise the last mu: more steps, a larger factor, or schedule.final_distance)",
