@@ -579,8 +579,13 @@ def test_export_and_run_warn_when_the_run_ends_infeasible(tmp_path, caplog):
     assert rel > 0.1
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="lcompress"):
+        alg.export(tmp_path / "a.lcz")  # the same C step: warned once already
+    assert not [r for r in caplog.records if "ended infeasible" in r.getMessage()]
+    alg.c_step(3e-6)
+    with caplog.at_level(logging.WARNING, logger="lcompress"):
         alg.export(tmp_path / "a.lcz")
-    assert [r for r in caplog.records if "ended infeasible" in r.getMessage()]
+    assert len([r for r in caplog.records if "ended infeasible" in r.getMessage()]) == 1
+    caplog.clear()
     sched["now"] = lc.geometric(1.0, 10.0, 5)
     alg.run(l_step, sched["now"], progress=False)  # now μ pins w to Δ
     assert alg.check_feasible(warn=False) < 1e-3

@@ -3,7 +3,7 @@
 >>> import lcompress as lc
 >>> alg = lc.LC(model, {"fc1.weight": lc.AdaptiveQuantization(k=2)})   # doctest: +SKIP
 """
-from .algorithm import LC, clip_lr
+from .algorithm import LC, clip_lr, clip_lr_adaptive
 from .compressions import (
     AdaptiveQuantization,
     AdditiveCombination,
@@ -23,7 +23,7 @@ from .compressions import (
     TernaryQuantization,
 )
 from .export import CorruptFileError, ModelMismatchError
-from .schedules import auto_schedule, geometric
+from .schedules import auto_schedule, geometric, measure_direct_compression
 
 
 def load(path, model, compact: bool = False, strict: bool = True):
@@ -38,8 +38,10 @@ __version__ = "0.1.0"
 __all__ = [
     "LC",
     "clip_lr",
+    "clip_lr_adaptive",
     "geometric",
     "auto_schedule",
+    "measure_direct_compression",
     "load",
     "CorruptFileError",
     "ModelMismatchError",

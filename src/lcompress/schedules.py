@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import math
 
-__all__ = ["geometric", "auto_schedule"]
+from typing import Any, Callable, Iterable
+
+__all__ = ["geometric", "auto_schedule", "measure_direct_compression"]
 
 
 def geometric(mu0: float, factor: float, steps: int) -> list[float]:
@@ -26,14 +28,67 @@ def geometric(mu0: float, factor: float, steps: int) -> list[float]:
     return [float(mu0) * float(factor) ** k for k in range(steps)]
 
 
+def measure_direct_compression(alg, loss_fn: Callable[[Any, Any], Any], batches: Iterable[Any]) -> tuple[float, float, float]:
+    """What :func:`auto_schedule` needs, measured on a few batches: (L(w), L(Δ_DC), ‖∇L(Δ_DC)‖).
+
+    L is the mean of ``loss_fn(model, batch)`` over ``batches`` (any loss: cross-entropy, a distillation loss such
+    as 1 − cosine, MSE), the model in eval mode (restored afterwards); the gradient is over the compressed
+    parameters only, with Δ(Θ) in the model. The model's weights and gradients are left as they were.
+
+    Args:
+        alg: an :class:`~lcompress.LC` object (Θ = direct compression right after construction).
+        loss_fn: ``loss_fn(model, batch) -> 0-d tensor``; ``model`` is the model the LC object was built on.
+        batches: a few batches (a list, or an iterable read once), e.g. 4-20 training minibatches.
+
+    Raises:
+        ValueError: no batches, or a loss that is not a finite 0-d tensor.
+    """
+    import torch
+
+    model = alg.wrapped_model
+    params = alg._params
+    was = model.training
+    model.eval()
+    batches = list(batches)
+    if not batches:
+        raise ValueError("measure_direct_compression: batches is empty (pass a few training batches)")
+
+    def value(b, i):
+        out = loss_fn(model, b)
+        if not isinstance(out, torch.Tensor) or out.numel() != 1 or not bool(torch.isfinite(out).all()):
+            raise ValueError(f"measure_direct_compression: loss_fn(model, batches[{i}]) must return a finite 0-d tensor, got {out!r}")
+        return out.reshape(())
+
+    try:
+        with torch.no_grad():
+            loss = sum(float(value(b, i)) for i, b in enumerate(batches)) / len(batches)
+        grads = [torch.zeros_like(p, dtype=torch.float32) for p in params]
+        loss_dc = 0.0
+        with alg.compressed():
+            for i, b in enumerate(batches):
+                out = value(b, i)
+                loss_dc += float(out)
+                for g, d in zip(grads, torch.autograd.grad(out, params, allow_unused=True)):
+                    if d is not None:
+                        g.add_(d.float())
+        loss_dc /= len(batches)
+        gnorm = math.sqrt(sum(float(g.norm()) ** 2 for g in grads)) / len(batches)
+    finally:
+        model.train(was)
+    return loss, loss_dc, gnorm
+
+
 def auto_schedule(
     alg,
     steps: int,
-    loss_increase: float,
-    grad_norm: float,
+    loss_increase: float | None = None,
+    grad_norm: float | None = None,
     penalty_fraction: float = 0.1,
     final_distance: float = 0.005,
     min_ratio: float = 100.0,
+    *,
+    loss_fn: Callable[[Any, Any], Any] | None = None,
+    batches: Iterable[Any] | None = None,
 ) -> list[float]:
     """A geometric μ schedule fitted to the model and the step budget.
 
@@ -52,8 +107,11 @@ def auto_schedule(
         alg: an :class:`~lcompress.LC` object right after construction (Θ = direct compression).
         steps: number of LC steps.
         loss_increase: ΔL = L(Δ_DC) − L(w), e.g. the training cross-entropy of the directly compressed model
-            minus that of the reference.
-        grad_norm: ‖∇L‖ over the compressed parameters at Δ_DC (e.g. from a few thousand samples).
+            minus that of the reference. Not needed with ``loss_fn`` and ``batches``.
+        grad_norm: ‖∇L‖ over the compressed parameters at Δ_DC (e.g. from a few thousand samples). Not needed
+            with ``loss_fn`` and ``batches``.
+        loss_fn, batches: measure ΔL and ‖∇L(Δ_DC)‖ here instead, with :func:`measure_direct_compression`
+            (``loss_fn(model, batch)`` returns the L step's loss without the penalty).
         penalty_fraction: μ₀ as a fraction of the curvature estimate κ.
         final_distance: the target ‖w − Δ‖ at the end, as a fraction of ‖w − Δ_DC‖.
         min_ratio: the least μ_T / μ₀.
@@ -70,6 +128,15 @@ def auto_schedule(
 
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps={steps!r} must be an integer >= 1")
+    if (loss_fn is None) != (batches is None):
+        raise ValueError("auto_schedule: pass loss_fn and batches together (or neither)")
+    if loss_fn is not None:
+        if loss_increase is not None or grad_norm is not None:
+            raise ValueError("auto_schedule: pass either loss_fn and batches or loss_increase and grad_norm, not both")
+        loss, loss_dc, grad_norm = measure_direct_compression(alg, loss_fn, batches)
+        loss_increase = loss_dc - loss
+    elif loss_increase is None or grad_norm is None:
+        raise ValueError("auto_schedule: pass loss_fn and batches (measured here) or loss_increase and grad_norm")
     if not math.isfinite(loss_increase):
         raise ValueError(f"loss_increase={loss_increase!r} must be finite")
     if not (grad_norm >= 0 and math.isfinite(grad_norm)):

@@ -1,0 +1,209 @@
+"""LC variants on LeNet300 / Fashion-MNIST at a fixed epoch budget: which changes to the schedule, the C-step
+cadence, the multipliers and a final stage lower the compressed model's test error.
+
+Every variant uses the demo's setup (reference runs/reference/lenet300.pt, batch 256, SGD Nesterov momentum 0.9,
+lr 0.1·0.98^epoch capped at 1/μ, the auto μ schedule fitted to the budget) unless the variant changes it.
+Prints one JSON object with a row per (scheme, variant, seed).
+
+    python bench/bench_lc_variants.py --schemes q2,prune5 --variants base,cps4,ft3 --seeds 0 [--epochs 30]
+
+Variants (combine with "+", e.g. "cps4+ft3"):
+  base      one C step per epoch, augmented Lagrangian
+  cpsN      N C steps per epoch (the μ schedule has epochs·N steps over the same range)
+  qp        the quadratic-penalty method (no multipliers)
+  ftN       the last N epochs train the compressed model itself with Θ's discrete part fixed: for codebooks the
+            K entries (gradient summed over each entry's weights) and the biases, for pruning the surviving values
+  pfX       penalty_fraction X (μ₀ = X·κ), e.g. pf1
+  fdX       final_distance X, e.g. fd0.001
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+import lcompress as lc
+from lcompress.config import load_config
+from lcompress.data import batches
+from lcompress.experiment import build_model, load_data, measure_loss_and_grad, prepare_reference
+from lcompress.training import evaluate
+
+LAYERS = ("fc1.weight", "fc2.weight", "fc3.weight")
+
+
+def tasks_for(scheme: str):
+    if scheme == "q2":
+        return {"re:fc\\d\\.weight": lc.AdaptiveQuantization(k=2)}
+    if scheme == "q4":
+        return {"re:fc\\d\\.weight": lc.AdaptiveQuantization(k=4)}
+    if scheme == "prune5":
+        return {LAYERS: lc.ConstraintL0Pruning(fraction=0.05)}
+    if scheme == "bs":
+        return {LAYERS: lc.AdaptiveQuantization(k=2) + lc.ConstraintL0Pruning(fraction=0.01)}
+    raise SystemExit(f"unknown scheme {scheme!r}")
+
+
+def parse_variant(v: str) -> dict:
+    o = {"cps": 1, "qp": False, "ft": 0, "pf": 0.1, "fd": 0.005}
+    for part in v.split("+"):
+        if part == "base":
+            continue
+        elif part == "qp":
+            o["qp"] = True
+        elif part.startswith("cps"):
+            o["cps"] = int(part[3:])
+        elif part.startswith("ft"):
+            o["ft"] = int(part[2:])
+        elif part.startswith("pf"):
+            o["pf"] = float(part[2:])
+        elif part.startswith("fd"):
+            o["fd"] = float(part[2:])
+        else:
+            raise SystemExit(f"unknown variant part {part!r}")
+    return o
+
+
+def _finetune(model, alg, data, gen, epochs: int, lr0: float, first_epoch: int) -> None:
+    """Train the compressed model with the discrete part of Θ fixed: w = Δ(Θ) in the model, gradient steps on the
+    biases as usual and on Θ's continuous part through Δ (codebook entries: mean gradient over their weights scaled
+    by their count, i.e. the true gradient with a per-entry step; sparse values: masked gradient)."""
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for n, d in alg.decompressed().items():
+            params[n].copy_(d)
+    # per task: a function that maps the dense gradient to an update of the weights that keeps them in the set
+    projectors = []
+    for t in alg.tasks:
+        c = t.compression
+        names = t.param_names
+        if isinstance(c, lc.AdaptiveQuantization):
+            codes = c.theta["codes"] if "codes" in c.theta else c.theta["assignments"]
+            k = c.theta["codebook"].numel()
+            projectors.append(("codebook", names, codes.long().reshape(-1), k))
+        elif isinstance(c, lc.ConstraintL0Pruning):
+            flat = torch.cat([params[n].detach().reshape(-1) for n in names])
+            projectors.append(("mask", names, flat != 0, None))
+        else:
+            projectors.append(("frozen", names, None, None))
+    compressed = {n for _, names, _, _ in projectors for n in names}
+    others = [p for n, p in params.items() if n not in compressed]
+    mom = {}
+    for e in range(epochs):
+        lr = lr0 * 0.98 ** (first_epoch + e)
+        for xb, yb in batches(data.x_train, data.y_train, 256, shuffle=True, generator=gen):
+            loss = F.cross_entropy(model(xb), yb)
+            model.zero_grad(set_to_none=True)
+            loss.backward()
+            with torch.no_grad():
+                for p in others:
+                    buf = mom.setdefault(id(p), torch.zeros_like(p))
+                    buf.mul_(0.9).add_(p.grad)
+                    p.sub_(lr * (p.grad + 0.9 * buf))
+                for kind, names, aux, k in projectors:
+                    if kind == "frozen":
+                        continue
+                    g = torch.cat([params[n].grad.reshape(-1) for n in names])
+                    w = torch.cat([params[n].detach().reshape(-1) for n in names])
+                    if kind == "codebook":
+                        cnt = torch.bincount(aux, minlength=k).clamp_min(1).to(g.dtype)
+                        gc = torch.bincount(aux, weights=g, minlength=k) / cnt  # mean gradient per entry
+                        key = ("cb", names)
+                        buf = mom.setdefault(key, torch.zeros_like(gc))
+                        buf.mul_(0.9).add_(gc)
+                        step = lr * (gc + 0.9 * buf)
+                        w = w - step[aux]
+                    else:
+                        key = ("m", names)
+                        gm = g * aux
+                        buf = mom.setdefault(key, torch.zeros_like(gm))
+                        buf.mul_(0.9).add_(gm)
+                        w = w - lr * (gm + 0.9 * buf) * aux
+                    o = 0
+                    for n in names:
+                        m = params[n].numel()
+                        params[n].copy_(w[o : o + m].reshape(params[n].shape))
+                        o += m
+
+
+def run(scheme: str, variant: str, seed: int, epochs: int, cfg, data, ref_state) -> dict:
+    o = parse_variant(variant)
+    model = build_model(cfg)
+    model.load_state_dict(ref_state)
+    t0 = time.perf_counter()
+    alg = lc.LC(model, tasks_for(scheme), multipliers=not o["qp"])
+    with alg.compressed() as m:
+        dc = evaluate(m, data.x_test, data.y_test)
+    lc_epochs = epochs - o["ft"]
+    steps = lc_epochs * o["cps"]
+    loss, loss_dc, gnorm = measure_loss_and_grad(model, alg, data.x_train, data.y_train)
+    mus = lc.auto_schedule(alg, steps, loss_dc - loss, gnorm, penalty_fraction=o["pf"], final_distance=o["fd"])
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True)
+    gen = torch.Generator().manual_seed(seed + 1)
+    torch.manual_seed(seed + 2)
+    n_batches = math.ceil(len(data.x_train) / 256)
+    per = math.ceil(n_batches / o["cps"])
+    curve = []
+    step = 0
+    for epoch in range(lc_epochs):
+        lr_e = 0.1 * 0.98 ** epoch
+        for i, (xb, yb) in enumerate(batches(data.x_train, data.y_train, 256, shuffle=True, generator=gen)):
+            mu = mus[step]
+            for g in opt.param_groups:
+                g["lr"] = lc.clip_lr(lr_e, mu)
+            loss = F.cross_entropy(model(xb), yb) + alg.penalty(mu)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if (i + 1) % per == 0 or i + 1 == n_batches:
+                alg.c_step(mu)
+                step += 1
+        with alg.compressed() as m:
+            curve.append(round(evaluate(m, data.x_test, data.y_test), 2))
+    if o["ft"]:
+        _finetune(model, alg, data, gen, o["ft"], 0.1 * 0.98 ** lc_epochs * 0.1, lc_epochs)
+        err = evaluate(model, data.x_test, data.y_test)
+        curve.append(round(err, 2))
+    else:
+        with alg.compressed() as m:
+            err = evaluate(m, data.x_test, data.y_test)
+    return {
+        "scheme": scheme, "variant": variant, "seed": seed, "epochs": epochs, "test_error": round(err, 3),
+        "dc_error": round(dc, 3), "mu0": mus[0], "mu_last": mus[-1], "ratio": alg.size_report()["ratio"],
+        "feasibility": alg.check_feasible(warn=False), "curve": curve, "seconds": round(time.perf_counter() - t0, 1),
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--schemes", default="q2")
+    p.add_argument("--variants", default="base")
+    p.add_argument("--seeds", default="0")
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--threads", type=int, default=1)
+    a = p.parse_args()
+    torch.set_num_threads(a.threads)
+    cfg = load_config("examples/lenet300_quantize_all.toml")
+    data = load_data(cfg)
+    ref, _ = prepare_reference(cfg, data, progress=False, is_writer=False)
+    ref_state = {k: v.clone() for k, v in ref.state_dict().items()}
+    rows = []
+    load0 = os.getloadavg()
+    for scheme in a.schemes.split(","):
+        for variant in a.variants.split(","):
+            for seed in [int(s) for s in a.seeds.split(",")]:
+                r = run(scheme, variant, seed, a.epochs, cfg, data, ref_state)
+                print(json.dumps(r), file=sys.stderr, flush=True)
+                rows.append(r)
+    json.dump({"benchmark": "lc variants, lenet300 fashion-mnist", "rows": rows, "loadavg_start": load0,
+               "loadavg_end": os.getloadavg(), "torch": torch.__version__}, sys.stdout, indent=1)
+    print()
+
+
+if __name__ == "__main__":
+    main()
