@@ -19,7 +19,18 @@ class AdditiveCombination(Compression):
     ``tol`` (relative). The first round starts from all parts at zero, so its first step is the first part's
     C step alone; every later step solves its block exactly, so the distortion never rises above what the first
     part achieves by itself when the other parts can represent zero (pruning, low-rank, adaptive codebooks). Each
-    part warm-starts from its own previous Θ (e.g. its codebook).
+    part warm-starts from its own previous Θ (e.g. its codebook). For constraint forms the best state of the
+    rounds is kept (Lloyd's k-means is not an exact block step and can rise slightly).
+
+    ``AdaptiveQuantization(k) + ConstraintL0Pruning(κ)`` (float values, either order) is solved as what it is,
+    trimmed k-means: for a given codebook the pruning takes the κ largest quantization errors, so the codebook
+    is fitted to the other weights (:func:`lcompress._trimmed_kmeans.trimmed_kmeans_1d`, from the last codebook
+    and from global coarse starts), then rounds on the exact weights finish (see :meth:`_compress_trimmed`).
+    Alternation is slow there: the pruned weights sit on the old centres in the quantization's residual and
+    hold the codebook in place, and centres stay on outliers that the pruning takes over. Measured
+    (``bench/bench_additive.py``, ``tests/test_additive_speed.py``): 3-10× faster than alternation, with a
+    distortion 0-25% lower on Laplace weights and up to 55% lower with outliers, and at most a few 1e-5 above it
+    where the two reach neighbouring local optima.
 
     Written ``a + b (+ c …)``; nested sums are flattened.
 
@@ -48,6 +59,8 @@ class AdditiveCombination(Compression):
         self.conv_scheme = schemes.pop() if schemes else "scheme_1"
         self.contains_zero = all(p.contains_zero for p in flat)
         self.penalty_form = any(p.penalty_form for p in flat)
+        #: rounds of alternation in the last C step (for a quantization + ℓ0 pruning sum: rounds after the
+        #: trimmed k-means)
         self.last_rounds = 0
 
     def __add__(self, other: Compression) -> "AdditiveCombination":
@@ -65,27 +78,117 @@ class AdditiveCombination(Compression):
             p.check_shape(shape, task)
 
     def _compress(self, w: Tensor, mu: float) -> Tensor:
-        deltas = [torch.zeros_like(w) for _ in self.parts]
-        total = torch.zeros_like(w)
-        prev = None
-        for r in range(self.rounds):
+        self.last_rounds = 0
+        pair = self._trimmed_pair(w.numel())
+        if pair is not None:
+            self._compress_trimmed(w, mu, *pair)
+        else:
+            deltas = [torch.zeros_like(w) for _ in self.parts]
+            self._alternate(w, mu, deltas, torch.zeros_like(w), None, self.rounds)
+        self._theta = {f"part{i}": p.theta for i, p in enumerate(self.parts)}
+        # Δ summed as decompress() sums it, so that what LC uses is bit for bit what a file decodes to
+        return self._sum(tuple(w.shape))
+
+    def _alternate(self, w: Tensor, mu: float, deltas: list[Tensor], total: Tensor, d: float | None,
+                   rounds: int) -> Tensor:
+        """Up to ``rounds`` rounds of block coordinate descent from ``deltas`` (whose sum is ``total`` and whose
+        distortion is ``d``, None for the all-zero start). Returns the sum of the parts' Δ; for constraint forms
+        the best state seen is kept (a C step that is not exact, such as Lloyd's k-means, can rise slightly)."""
+        keep_best = not self.penalty_form
+        best = None
+        if keep_best and d is not None:
+            best = (d, list(deltas), [p.state_dict() for p in self.parts])
+        prev = d
+        for r in range(rounds):
             for i, part in enumerate(self.parts):
                 resid = w - (total - deltas[i])
                 new = part.compress(resid, mu, check=False)  # w was checked once by compress()
                 total += new - deltas[i]
                 deltas[i] = new
             d = float(torch.sum((w - total) ** 2))
-            self.last_rounds = r + 1
+            self.last_rounds += 1
+            if keep_best and (best is None or d <= best[0]):
+                best = (d, list(deltas), [p.state_dict() for p in self.parts])
             if prev is not None and prev - d <= self.tol * max(prev, 1e-30):
                 break
             prev = d
-        self._theta = {f"part{i}": p.theta for i, p in enumerate(self.parts)}
+        if keep_best and best[0] < d:
+            for p, st in zip(self.parts, best[2]):
+                p.load_state_dict(st)
+            total = best[1][0].clone()
+            for x in best[1][1:]:
+                total += x
         return total
 
+    # ---- quantization + ℓ0 pruning: trimmed k-means -----------------------------------------------------------
+    def _trimmed_pair(self, n: int) -> tuple[int, int] | None:
+        """(index of the quantization, index of the pruning) when this sum is one ``AdaptiveQuantization`` (not
+        ``exact``, whose every block step is a global k-means) plus one ``ConstraintL0Pruning`` with float
+        values (in either order) that keeps fewer than n weights; None otherwise."""
+        from .pruning import ConstraintL0Pruning
+        from .quantization import AdaptiveQuantization
+
+        if len(self.parts) != 2:
+            return None
+        for qi, pi in ((0, 1), (1, 0)):
+            q, p = self.parts[qi], self.parts[pi]
+            if (type(q) is AdaptiveQuantization and not q.exact and type(p) is ConstraintL0Pruning
+                    and p.value_codebook is None and p.kappa_for(n) < n):
+                return qi, pi
+        return None
+
+    def _compress_trimmed(self, w: Tensor, mu: float, qi: int, pi: int) -> None:
+        """C step of quantization + ℓ0 pruning. Given the codebook, the pruning part's exact C step takes the κ
+        largest quantization errors, so the problem is trimmed k-means: its Lloyd iterations
+        (:func:`lcompress._trimmed_kmeans.trimmed_kmeans_1d`) fit the codebook to the kept weights only, from
+        the last codebook and from a global coarse start. Alternating the parts' own C steps on residuals moves
+        the codebook slowly instead (the pruned weights sit on the old centres in the quantization's residual)
+        and keeps centres on outliers that the pruning takes over.
+
+        Then rounds on the exact weights, each the pruning part's exact C step on its residual and a Lloyd step of
+        the codebook on its own residual (nearest codes, each centre the mean of its weights), until a round
+        improves ‖w − Δ‖² by at most ``tol`` (relative) or ``rounds`` rounds; the best state is kept."""
+        from .. import functional as F
+        from .._trimmed_kmeans import trimmed_kmeans_1d
+
+        q, p = self.parts[qi], self.parts[pi]
+        flat = w.reshape(-1)
+        k = q.k
+        kappa = p.kappa_for(flat.numel())
+        init = None  # cold: trimmed_kmeans_1d starts from the coarse optimum
+        if q.is_compressed and q.theta["codebook"].numel() == k:
+            init = q.theta["codebook"].to(w.device)  # warm start: the last C step's codebook
+        c = trimmed_kmeans_1d(flat, k, kappa, init)
+        codes = F.nearest_in_codebook(flat, c)
+        best, prev = None, None
+        for r in range(self.rounds):
+            if r > 0:
+                # the quantization's Lloyd step on its residual (means of nearest-assigned sorted clusters stay
+                # sorted, so the codes still index c)
+                rq = (w - dp).reshape(-1)
+                codes = F.nearest_in_codebook(rq, c)
+                c, _ = F.group_means(rq, codes, k, fallback=c)
+            dq = q._set(c, codes.reshape(w.shape))
+            q._shape = tuple(w.shape)
+            dp = p.compress(w - dq, mu, check=False)
+            d = float(torch.sum((w - dq - dp) ** 2))
+            self.last_rounds = r + 1
+            if best is None or d < best[0]:
+                best = (d, [x.state_dict() for x in self.parts])
+            if prev is not None and prev - d <= self.tol * max(prev, 1e-30):
+                break
+            prev = d
+        if best[0] < d:
+            for x, st in zip(self.parts, best[1]):
+                x.load_state_dict(st)
+
     def _decompress(self) -> Tensor:
+        return self._sum(self._shape)
+
+    def _sum(self, shape: tuple[int, ...]) -> Tensor:
         out = None
         for p in self.parts:
-            d = p.decompress().reshape(self._shape)
+            d = p.decompress().reshape(shape)
             out = d if out is None else out + d
         return out
 

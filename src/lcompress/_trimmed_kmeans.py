@@ -1,0 +1,250 @@
+"""Trimmed 1-D k-means: the codebook of a quantization + ℓ0-pruning sum.
+
+The C step of ``AdaptiveQuantization(k) + ConstraintL0Pruning(kappa)`` is
+
+    min_{c, a, s}  Σᵢ (xᵢ − c[aᵢ] − sᵢ)²   s.t.  ‖s‖₀ ≤ κ.
+
+For a fixed codebook c the sparse part takes the κ largest quantization errors exactly (they then cost nothing),
+so the problem is *trimmed k-means*: min_c Σ over all but the κ points farthest from their nearest centre of the
+squared error. Alternating the two parts' own C steps (k-means on x − s, then top-κ of x − Δ) converges slowly:
+the κ points held by s sit exactly on the old centres in the residual x − s and anchor the codebook there. Here
+the codebook is fitted to the kept points only (a Lloyd iteration of trimmed k-means), which moves freely.
+
+The iterations run on sorted weighted points (the sorted data itself for up to 2¹⁶ values, else a 2¹⁶-bin
+histogram with each bin a point mass at its mean) through prefix sums, so each costs O(K log B) tensor work,
+independent of the number of weights: cells are ranges between the midpoints, the kept part of cell j is
+[c_j − τ, c_j + τ], and τ (the κ-th largest error) is found by a vectorized search over those prefix sums.
+Lloyd steps are over-relaxed (step ω(L(c) − c), ω doubling up to 4, reset to a plain step when the objective
+rises), which roughly halves the iterations. The caller finishes with passes over the exact data.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["trimmed_kmeans_1d"]
+
+_EXACT_POINTS = 1 << 16
+_BINS = 1 << 16
+_BUCKETS = 1 << 14
+_COARSE = 256
+_RESTARTS = 3
+_START_TOL = 1e-6
+
+
+def _points(x: Tensor) -> tuple[Tensor, Tensor, bool]:
+    """Sorted values (B,), prefix sums (B + 1, 3) of their count, sum and sum of squares (float64), and whether
+    every point is one value (else a histogram bin holding several)."""
+    xf = x.reshape(-1)
+    if xf.numel() <= _EXACT_POINTS:
+        v = torch.sort(xf.double()).values
+        parts = torch.stack([torch.ones_like(v), v, v * v], 1)
+        unit = True
+    else:
+        lo, hi = torch.aminmax(xf)
+        width = (hi - lo).clamp_min(torch.finfo(xf.dtype).tiny) / _BINS
+        b = ((xf - lo) / width).to(torch.int32).clamp_(0, _BINS - 1)
+        # per-bin sums in x's precision (a bin holds few values), everything after in float64
+        cnt = torch.bincount(b, minlength=_BINS).double()
+        sm = torch.bincount(b, weights=xf, minlength=_BINS).double()
+        sq = torch.bincount(b, weights=xf * xf, minlength=_BINS).double()
+        occupied = cnt > 0
+        cnt, sm, sq = cnt[occupied], sm[occupied], sq[occupied]
+        v = sm / cnt
+        parts = torch.stack([cnt, sm, sq], 1)
+        unit = False
+    prefix = torch.cat([parts.new_zeros(1, 3), torch.cumsum(parts, 0)])
+    return v, prefix, unit
+
+
+class _Trimmed:
+    """Trimmed k-means on sorted weighted points; :meth:`step` is one Lloyd iteration."""
+
+    def __init__(self, v: Tensor, prefix: Tensor, unit: bool, kappa: int) -> None:
+        self.v, self.prefix, self.unit, self.kappa = v, prefix, unit, int(kappa)
+        self.counts = prefix[1:, 0] - prefix[:-1, 0]
+        self.nb = v.numel()
+        # a relative widening of τ that keeps the point defining it inside its window despite rounding
+        self.widen = 1.0 + 64 * torch.finfo(v.dtype).eps
+        self._zero = torch.zeros(1, dtype=torch.int64, device=v.device)
+        self._end = torch.full((1,), self.nb, dtype=torch.int64, device=v.device)
+
+    def _tau(self, err: Tensor) -> tuple[Tensor, Tensor]:
+        """τ (points with error ≤ τ are kept) and the number of points beyond τ minus κ (≤ 0)."""
+        zero = err.new_zeros(())
+        if self.kappa == 0:
+            return err.max(), zero
+        if self.unit:
+            return torch.kthvalue(err, self.nb - self.kappa).values, zero
+        # weighted points: the smallest edge τ_i = i·top/N of a histogram of the errors with at most κ points at
+        # or above it; the points short of κ are charged at τ_i (they lie just below it)
+        top = err.max().clamp_min(1e-300)
+        bucket = (err * (_BUCKETS / top)).to(torch.int64).clamp_(0, _BUCKETS - 1)
+        per = torch.bincount(bucket, weights=self.counts, minlength=_BUCKETS)
+        above = torch.flip(torch.cumsum(torch.flip(per, [0]), 0), [0])  # above[i]: points in buckets ≥ i
+        i = torch.searchsorted(-above, above.new_full((1,), -float(self.kappa))).clamp_(1, _BUCKETS - 1)
+        tau = (i.to(err.dtype) * (top / _BUCKETS)).reshape(())
+        return tau / self.widen, (above[i] - self.kappa).reshape(())
+
+    def errors(self, c: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Each point's distance to its nearest centre, and the cells as ranges [starts_j, ends_j) of the sorted
+        points (a value equal to a midpoint goes to the lower centre)."""
+        mids = (c[1:] + c[:-1]) * 0.5
+        ends = torch.cat([torch.searchsorted(self.v, mids, right=True), self._end])
+        sizes = torch.diff(ends, prepend=self._zero)
+        centre = torch.repeat_interleave(c, sizes, output_size=self.nb)  # the points are sorted: runs per cell
+        return (self.v - centre).abs_(), ends - sizes, ends
+
+    def tau(self, c: Tensor) -> float:
+        """τ of codebook c: the κ-th largest distance to the nearest centre."""
+        return float(self._tau(self.errors(c)[0])[0])
+
+    def step(self, c: Tensor) -> tuple[float, Tensor]:
+        """(objective of c, the trimmed Lloyd update of c)."""
+        err, starts, ends = self.errors(c)
+        tau, short = self._tau(err)
+        # the kept points of a cell: the range within τ of its centre
+        t = tau * self.widen
+        k = c.numel()
+        bounds = torch.searchsorted(self.v, torch.cat([c - t, c + t]), right=True)
+        lo = torch.maximum(bounds[:k], starts)
+        hi = torch.maximum(torch.minimum(bounds[k:], ends), lo)
+        win = self.prefix[hi] - self.prefix[lo]  # (K, 3): count, sum and sum of squares of each kept range
+        n, s, q = win.unbind(1)
+        sse = (q - 2 * c * s + c * c * n).sum()
+        # weighted points: fewer than κ may lie beyond τ; the shortfall is charged at τ (trimmed just below it)
+        obj = float(sse if self.unit else sse + short * tau * tau)
+        new = torch.where(n > 0, s / n.clamp_min(1e-300), c)
+        return obj, new
+
+
+def _coarse_optimum(v: Tensor, prefix: Tensor, k: int, tau2: float | None, coarse: int = _COARSE) -> Tensor:
+    """Globally optimal codebook of the points rounded to ``coarse`` equal-width bins, for the penalty form of
+    trimming: every point costs min((x − c)², τ²) (``tau2`` = τ²; None: no trimming, plain k-means).
+
+    In sorted order an optimal solution alternates runs of trimmed points (cost τ² each) and clusters (their
+    sum of squares about their mean), so a dynamic programme over bin boundaries solves it:
+    G_j(l) = min_{m ≤ l} D_{j−1}(m) + τ²·N(m, l),  D_j(i) = min_{l ≤ i} G_j(l) + SSE(l, i),
+    the answer min_i D_k(i) + τ²·N(i, end); O(k · coarse²) work on (coarse + 1)² arrays. Like the coarse start of
+    :func:`lcompress.functional.kmeans_1d`, it keeps Lloyd's iterations out of poor local optima (here, for
+    instance, centres left on outliers that the pruning takes over).
+    """
+    span = (v[-1] - v[0]).clamp_min(1e-300)
+    b = ((v - v[0]) * (coarse / span)).to(torch.int64).clamp_(0, coarse - 1)
+    parts = prefix[1:] - prefix[:-1]
+    binned = torch.zeros(coarse, 3, dtype=parts.dtype, device=parts.device).index_add_(0, b, parts)
+    P = torch.cat([binned.new_zeros(1, 3), torch.cumsum(binned, 0)])
+    N, S1, S2 = P.unbind(1)
+    dn = N[None, :] - N[:, None]  # [l, i]: points in bins l..i−1
+    ds = S1[None, :] - S1[:, None]
+    cost = (S2[None, :] - S2[:, None]) - ds * ds / dn.clamp_min(1e-300)
+    cost = torch.where(dn > 0, cost.clamp_min(0), torch.zeros_like(cost))
+    idx = torch.arange(coarse + 1, device=v.device)
+    cost = torch.where(idx[:, None] <= idx[None, :], cost, torch.full_like(cost, float("inf")))
+    D = torch.full((coarse + 1,), float("inf"), dtype=cost.dtype, device=cost.device)
+    D[0] = 0.0
+    back = []
+    for _ in range(k):
+        if tau2 is None:
+            G, gl = D, idx
+        else:
+            G, gl = torch.cummin(D - tau2 * N, 0)
+            G = G + tau2 * N
+        D, a = (G[:, None] + cost).min(0)
+        back.append((a, gl))
+    end = D + (tau2 * (N[-1] - N) if tau2 is not None else torch.where(idx == coarse, 0.0, float("inf")))
+    i = int(end.argmin())
+    cs, ns = [], []
+    for a, gl in reversed(back):
+        l_ = int(a[i])
+        cnt = float(N[i] - N[l_])
+        cs.append(float(S1[i] - S1[l_]) / cnt if cnt > 0 else float("nan"))
+        ns.append(cnt)
+        i = int(gl[l_])
+    c = torch.tensor(cs[::-1], dtype=v.dtype, device=v.device)
+    # an empty cluster (more clusters than occupied runs) takes its neighbour's centre
+    if bool(torch.isnan(c).any()):
+        ok = ~torch.isnan(c)
+        if not bool(ok.any()):
+            return torch.full((k,), float(prefix[-1, 1] / prefix[-1, 0]), dtype=v.dtype, device=v.device)
+        good = torch.nonzero(ok).reshape(-1)
+        pos = torch.searchsorted(good, torch.arange(k, device=v.device)).clamp_(max=good.numel() - 1)
+        c = torch.where(ok, c, c[good[pos]])
+    return torch.sort(c).values
+
+
+def _lloyd(problem: _Trimmed, c: Tensor, max_iter: int, tol: float) -> tuple[float, Tensor]:
+    """Over-relaxed trimmed Lloyd iterations from c: (objective, codebook)."""
+    c = torch.sort(c).values
+    obj, lloyd = problem.step(c)
+    omega = 1.0
+    for _ in range(max_iter - 1):
+        if obj <= 0.0:
+            break
+        prop = torch.sort(c + omega * (lloyd - c)).values
+        obj2, lloyd2 = problem.step(prop)
+        if obj2 > obj and omega > 1.0:
+            # the extrapolated step went too far: take the plain Lloyd step (which never raises the objective)
+            omega = 1.0
+            prop = torch.sort(lloyd).values
+            obj2, lloyd2 = problem.step(prop)
+        improved = obj - obj2
+        if improved < 0:  # rounding: keep the better point and stop
+            break
+        c, obj, lloyd = prop, obj2, lloyd2
+        if improved <= tol * obj:
+            break
+        omega = min(2.0 * omega, 4.0)
+    return obj, c
+
+
+def trimmed_kmeans_1d(
+    x: Tensor, k: int, kappa: int, init: Tensor | None = None, max_iter: int = 300, tol: float = 1e-9
+) -> Tensor:
+    """Codebook of trimmed 1-D k-means: min_c Σ over all but the κ worst-fitting xᵢ of min_j (xᵢ − c_j)².
+
+    Over-relaxed trimmed Lloyd iterations (to a local optimum, like :func:`lcompress.functional.kmeans_1d`) on
+    sorted weighted points (see the module docstring), keeping the best result of several starts: ``init``
+    (e.g. the last C step's codebook; without it, the optimal coarse k-means codebook of x), then, up to
+    three times while that improves, the global optimum of the coarse penalty form of trimming
+    (:func:`_coarse_optimum`) with τ the κ-th largest error of the best result so far.
+
+    Args:
+        x: floating tensor, any shape (flattened).
+        k: codebook size ≥ 1.
+        kappa: number of points left out (0 ≤ κ < number of values).
+        init: optional (k,) starting codebook.
+        max_iter: maximum objective evaluations per start.
+        tol: stop when an iteration lowers the objective by less than this fraction of it.
+
+    Returns:
+        (k,) codebook sorted ascending, in ``x``'s dtype and on its device.
+    """
+    v, prefix, unit = _points(x)
+    problem = _Trimmed(v, prefix, unit, kappa)
+    if init is None:
+        first = _coarse_optimum(v, prefix, k, None)
+    else:
+        first = init.reshape(-1).to(device=v.device, dtype=torch.float64)
+        if first.numel() != k:
+            raise ValueError(f"init has {first.numel()} entries but k={k}")
+    # every start runs to a looser tolerance (most of Lloyd's iterations are spent in the slow tail), and only
+    # the best is then run to ``tol``
+    loose = max(tol, _START_TOL)
+    best = _lloyd(problem, first, max_iter, loose)
+    tried = None
+    for _ in range(_RESTARTS if kappa > 0 else 0):
+        if best[0] <= 0:
+            break
+        # the penalty form's global coarse optimum at the τ of the best result so far
+        tau = problem.tau(best[1])
+        start = _coarse_optimum(v, prefix, k, tau * tau)
+        if tried is not None and torch.equal(start, tried):
+            break
+        tried = start
+        other = _lloyd(problem, start, max_iter, loose)
+        if not other[0] < best[0] * (1 - 1e-9):
+            break
+        best = other
+    best = _lloyd(problem, best[1], max_iter, tol)
+    return best[1].to(x.dtype)
