@@ -173,6 +173,9 @@ def resolve_tasks(model: nn.Module, tasks: Mapping[Any, Compression]) -> list[Ta
                     )
             c.check_shape(task.view_shape(), disp)
             _check_flops(task)
+            for part in getattr(c, "parts", [c]):  # a rank selection keeps a dense matrix at the weights' dtype
+                if hasattr(part, "storage_dtype"):
+                    part.storage_dtype = task.params[0].dtype
             out.append(task)
     return out
 

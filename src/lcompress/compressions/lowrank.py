@@ -169,6 +169,9 @@ class RankSelection(_Factors):
     """
 
     penalty_form = True
+    #: dtype a dense choice is stored at: the parameter's, set by :class:`lcompress.LC` when it resolves the task
+    #: (its C steps see half-precision weights in float32); None keeps the input's dtype
+    storage_dtype: torch.dtype | None = None
 
     def __init__(
         self,
@@ -235,7 +238,8 @@ class RankSelection(_Factors):
                           dense_cost=self.dense_cost(shape))
         if r is None:
             src = getattr(self, "_input", None)
-            dense = (w if src is None else src).clone(memory_format=torch.contiguous_format)
+            src = w if src is None else src
+            dense = src.to(self.storage_dtype or src.dtype, copy=True, memory_format=torch.contiguous_format)
             self._theta = {"dense": dense}
-            return dense.clone()  # at the input's dtype, so Δ = the input exactly (and Θ is not aliased)
+            return dense.clone()  # the weights as the model stores them (and Θ not aliased by the result)
         return self._set(u[:, :r] * s[:r], vh[:r])
