@@ -364,6 +364,8 @@ class LC:
             for t in self.tasks:
                 k = len(t.params)
                 x = t.gather(shifted[o : o + k])
+                if x.dtype != t.params[0].dtype:  # half-precision weights: Θ keeps the weights' dtype
+                    x = x.to(t.params[0].dtype)
                 o += k
                 if not bool(torch.isfinite(x).all()):
                     raise ValueError(
