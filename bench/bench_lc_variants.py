@@ -81,7 +81,7 @@ def _finetune(model, alg, data, gen, epochs: int, lr0: float, first_epoch: int) 
     projectors = []
     for t in alg.tasks:
         c = t.compression
-        names = t.param_names
+        names = tuple(t.param_names)
         if isinstance(c, lc.AdaptiveQuantization):
             codes = c.theta["codes"] if "codes" in c.theta else c.theta["assignments"]
             k = c.theta["codebook"].numel()

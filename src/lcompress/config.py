@@ -103,6 +103,7 @@ class ScheduleConfig:
     factor: float | None = None
     steps: int = 30
     epochs_per_step: int = 1
+    c_steps_per_step: int = 1  # C steps per LC step: its minibatches split into this many parts, each its own μ
     penalty_fraction: float = 0.1  # auto: μ₀ makes the first penalty this fraction of the loss
     final_distance: float = 0.005  # auto: target ‖w − Δ‖ / ‖w − Δ_DC‖ at the end
 
@@ -419,6 +420,14 @@ def parse_config(raw: dict[str, Any], source: str | None = None, trust_code: boo
         raise ConfigError(f"schedule.steps={s.steps}: must be in [1, {MAX_STEPS}]")
     if s.epochs_per_step < 1:
         raise ConfigError(f"schedule.epochs_per_step={s.epochs_per_step}: must be >= 1")
+    if not 1 <= s.c_steps_per_step <= 64:
+        raise ConfigError(f"schedule.c_steps_per_step={s.c_steps_per_step}: must be in [1, 64]")
+    if s.steps * s.c_steps_per_step > MAX_STEPS:
+        raise ConfigError(f"schedule.c_steps_per_step={s.c_steps_per_step}: steps·c_steps_per_step = "
+                          f"{s.steps * s.c_steps_per_step} C steps, more than {MAX_STEPS}")
+    if s.c_steps_per_step > 1 and isinstance(raw.get("schedule"), dict) and isinstance(raw["schedule"].get("mu"), list):
+        raise ConfigError(f"schedule.c_steps_per_step={s.c_steps_per_step}: needs an \"auto\" or geometric schedule "
+                          "(a list schedule.mu gives one μ per LC step)")
     mu_given = isinstance(raw.get("schedule"), dict) and raw["schedule"].get("mu") is not None
     if not mu_given:  # mu0 and/or factor alone mean a geometric schedule
         s.mu = "geometric" if s.mu0 is not None or s.factor is not None else "auto"

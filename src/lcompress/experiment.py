@@ -234,10 +234,10 @@ def _mu_schedule(cfg: RunConfig, alg: LC | None, model: nn.Module, data: Dataset
     if isinstance(s.mu, list):
         return [float(v) for v in s.mu]
     if s.mu == "geometric":
-        return geometric(s.mu0, s.factor, s.steps)
+        return geometric(s.mu0, s.factor, s.steps * s.c_steps_per_step)
     assert alg is not None, "an auto schedule is measured on the LC object's direct compression"
     loss, loss_dc, gnorm = measure_loss_and_grad(model, alg, data.x_train.to(cfg.device), data.y_train.to(cfg.device))
-    mus = auto_schedule(alg, s.steps, loss_dc - loss, gnorm, penalty_fraction=s.penalty_fraction,
+    mus = auto_schedule(alg, s.steps * s.c_steps_per_step, loss_dc - loss, gnorm, penalty_fraction=s.penalty_fraction,
                         final_distance=s.final_distance)
     logger.info("auto schedule: loss %.4g -> %.4g at DC, |grad L(DC)| %.4g -> mu0 %.4g, factor %.4f, last mu %.4g",
                 loss, loss_dc, gnorm, mus[0], (mus[1] / mus[0]) if len(mus) > 1 else 1.0, mus[-1])
@@ -573,7 +573,7 @@ def _run_compress(cfg, out, resume, force, data, data_dir, progress, should_stop
             results["config"] = cfg_dict
             results.setdefault("resumed_with_changes", []).append(diff)
             results["schedule"] = mus
-        logger.info("resumed %s after LC step %d of %d", out, start, len(mus))
+        logger.info("resumed %s after LC step %d of %d", out, start, len(mus) // cfg.schedule.c_steps_per_step)
 
     if writer:
         out.mkdir(parents=True, exist_ok=True)
@@ -589,20 +589,26 @@ def _run_compress(cfg, out, resume, force, data, data_dir, progress, should_stop
         logger.warning("data.batch_size=%d is not a multiple of the %d ranks: the global batch is %d",
                        cfg.data.batch_size, world, per_rank_batch * world)
     n_batches = math.ceil((len(x_train) // world) / per_rank_batch)
+    # c C steps per LC step: the step's minibatches split into c nearly equal parts, part j ended by the C step at
+    # its own μ (the schedule has c values per LC step); the last part's C step is the one after the step's loop
+    c_per = cfg.schedule.c_steps_per_step
+    n_steps = len(mus) // c_per
+    step_batches = cfg.schedule.epochs_per_step * n_batches
+    c_after = [math.ceil(step_batches * (j + 1) / c_per) for j in range(c_per - 1)]
     bar = None
     if progress and writer:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(mus) * cfg.schedule.epochs_per_step * n_batches, initial=start * cfg.schedule.epochs_per_step * n_batches,
+        bar = tqdm(total=n_steps * cfg.schedule.epochs_per_step * n_batches, initial=start * cfg.schedule.epochs_per_step * n_batches,
                    desc=cfg.name, unit="batch", dynamic_ncols=True)
     batch_no = 0  # minibatches this process has trained, for the stop poll's cadence
     grad_form = cfg.lc.penalty == "grad"  # the penalty's gradient added after backward, not through the loss
     try:
-        for step in range(start, len(mus)):
-            mu = mus[step]
-            lr = cfg.optimizer.lr * cfg.optimizer.lr_decay ** step
-            if cfg.optimizer.clip_lr:
-                lr = clip_lr(lr, mu)
+        for step in range(start, n_steps):
+            sub = mus[step * c_per : (step + 1) * c_per]
+            mu = sub[0]
+            lr0 = cfg.optimizer.lr * cfg.optimizer.lr_decay ** step
+            lr = clip_lr(lr0, mu) if cfg.optimizer.clip_lr else lr0
             for group in opt.param_groups:
                 group["lr"] = lr
             ts = time.perf_counter()
@@ -610,6 +616,7 @@ def _run_compress(cfg, out, resume, force, data, data_dir, progress, should_stop
             loss_sum = torch.zeros((), device=device)
             pen_sum = torch.zeros((), device=device)
             seen = 0
+            part = 0
             for _ in range(cfg.schedule.epochs_per_step):
                 for xb, yb in batches(x_train, y_train, per_rank_batch, shuffle=True, generator=gen, rank=rank, world_size=world):
                     loss = F.cross_entropy(ddp_model(xb), yb)
@@ -629,6 +636,13 @@ def _run_compress(cfg, out, resume, force, data, data_dir, progress, should_stop
                         bar.update(1)
                     if _stop_requested(should_stop, world, batch_no):
                         raise RunInterrupted(f"stopped during LC step {step + 1}; resume with --resume {out}")
+                    if part < c_per - 1 and seen == c_after[part]:  # an inner C step, then the next part's μ
+                        alg.c_step(mu)
+                        part += 1
+                        mu = sub[part]
+                        lr = clip_lr(lr0, mu) if cfg.optimizer.clip_lr else lr0
+                        for group in opt.param_groups:
+                            group["lr"] = lr
             # ranks agree once more before the C step: an L step shorter than the poll interval would otherwise
             # never see a stop request
             if world > 1 and _stop_requested(should_stop, world, batch_no, force=True):
@@ -661,7 +675,7 @@ def _run_compress(cfg, out, resume, force, data, data_dir, progress, should_stop
                 "seconds": time.perf_counter() - ts,
                 **_sizes(alg.size_report()),
             }
-            if (step + 1) % cfg.evaluate.every == 0 or step + 1 == len(mus):
+            if (step + 1) % cfg.evaluate.every == 0 or step + 1 == n_steps:
                 with alg.compressed() as m:
                     rec["test_error"] = evaluate(m, x_test, y_test)
                 rec["test_error_w"] = evaluate(model, x_test, y_test)
@@ -671,7 +685,7 @@ def _run_compress(cfg, out, resume, force, data, data_dir, progress, should_stop
                                 feas=f"{rec['feasibility']:.3g}")
             logger.info(
                 "LC step %d/%d: mu=%.4g lr=%.4g loss=%.4f |w-Delta|=%.4g test error %s ratio %.2f",
-                step + 1, len(mus), mu, lr, mean_loss, rec["feasibility"],
+                step + 1, n_steps, mu, lr, mean_loss, rec["feasibility"],
                 f"{rec['test_error']:.2f}%" if "test_error" in rec else "-", rec["ratio"],
             )
             rng_torch = _all_rank_states(torch.get_rng_state(), world)
