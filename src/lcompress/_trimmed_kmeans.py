@@ -10,12 +10,15 @@ squared error. Alternating the two parts' own C steps (k-means on x − s, then 
 the κ points held by s sit exactly on the old centres in the residual x − s and anchor the codebook there. Here
 the codebook is fitted to the kept points only (a Lloyd iteration of trimmed k-means), which moves freely.
 
-The iterations run on sorted weighted points (the sorted data itself for up to 2¹⁶ values, else a 2¹⁶-bin
-histogram with each bin a point mass at its mean) through prefix sums, so each costs O(K log B) tensor work,
-independent of the number of weights: cells are ranges between the midpoints, the kept part of cell j is
-[c_j − τ, c_j + τ], and τ (the κ-th largest error) is found by a vectorized search over those prefix sums.
-Lloyd steps are over-relaxed (step ω(L(c) − c), ω doubling up to 4, reset to a plain step when the objective
-rises), which roughly halves the iterations. The caller finishes with passes over the exact data.
+The iterations run on sorted weighted points: the sorted data itself for up to 2¹⁶ values, else a 2¹⁶-bin
+histogram with each bin a point mass at its mean. So they cost O(B) for B ≤ 2¹⁶ points, whatever the number of
+weights. Each cell (the points between two midpoints) is a range of the sorted points, and so is its kept part
+[c_j − τ, c_j + τ]. Its count, sum and sum of squares come from prefix sums. τ, the κ-th largest distance to the
+nearest centre, is found by selection on the points' distances, or by a histogram of them for weighted points.
+
+Lloyd steps are over-relaxed: a step ω(L(c) − c), with ω doubling up to 4 and reset to a plain step when the
+objective rises. Several starts are tried (see :func:`trimmed_kmeans_1d`), and the caller finishes with passes
+over the exact data.
 """
 from __future__ import annotations
 
@@ -30,6 +33,7 @@ _BUCKETS = 1 << 14
 _COARSE = 256
 _RESTARTS = 3
 _START_TOL = 1e-6
+_COLD_START_EVALS = 50
 
 
 def _points(x: Tensor) -> tuple[Tensor, Tensor, bool]:
@@ -231,7 +235,9 @@ def trimmed_kmeans_1d(
     # every start runs to a looser tolerance (most of Lloyd's iterations are spent in the slow tail), and only
     # the best is then run to ``tol``
     loose = max(tol, _START_TOL)
-    best = _lloyd(problem, first, max_iter, loose)
+    # cold, the coarse k-means start is only a guard (the penalty form's start below nearly always wins): a few
+    # iterations tell whether its basin competes
+    best = _lloyd(problem, first, max_iter if init is not None else min(max_iter, _COLD_START_EVALS), loose)
     tried = None
     for _ in range(_RESTARTS if kappa > 0 else 0):
         if best[0] <= 0:
