@@ -122,17 +122,9 @@ class _Trimmed:
         return obj, new
 
 
-def _coarse_optimum(v: Tensor, prefix: Tensor, k: int, tau2: float | None, coarse: int = _COARSE) -> Tensor:
-    """Globally optimal codebook of the points rounded to ``coarse`` equal-width bins, for the penalty form of
-    trimming: every point costs min((x − c)², τ²) (``tau2`` = τ²; None: no trimming, plain k-means).
-
-    In sorted order an optimal solution alternates runs of trimmed points (cost τ² each) and clusters (their
-    sum of squares about their mean), so a dynamic programme over bin boundaries solves it:
-    G_j(l) = min_{m ≤ l} D_{j−1}(m) + τ²·N(m, l),  D_j(i) = min_{l ≤ i} G_j(l) + SSE(l, i),
-    the answer min_i D_k(i) + τ²·N(i, end); O(k · coarse²) work on (coarse + 1)² arrays. Like the coarse start of
-    :func:`lcompress.functional.kmeans_1d`, it keeps Lloyd's iterations out of poor local optima (here, for
-    instance, centres left on outliers that the pruning takes over).
-    """
+def _coarse_table(v: Tensor, prefix: Tensor, coarse: int = _COARSE) -> tuple[Tensor, Tensor, Tensor]:
+    """The points rounded to ``coarse`` equal-width bins: prefix counts N and sums S1 over bin boundaries, and
+    the (coarse + 1)² table of each bin range's sum of squares about its mean (inf below the diagonal)."""
     span = (v[-1] - v[0]).clamp_min(1e-300)
     b = ((v - v[0]) * (coarse / span)).to(torch.int64).clamp_(0, coarse - 1)
     parts = prefix[1:] - prefix[:-1]
@@ -145,6 +137,23 @@ def _coarse_optimum(v: Tensor, prefix: Tensor, k: int, tau2: float | None, coars
     cost = torch.where(dn > 0, cost.clamp_min(0), torch.zeros_like(cost))
     idx = torch.arange(coarse + 1, device=v.device)
     cost = torch.where(idx[:, None] <= idx[None, :], cost, torch.full_like(cost, float("inf")))
+    return N, S1, cost
+
+
+def _coarse_optimum(table: tuple[Tensor, Tensor, Tensor], k: int, tau2: float | None) -> Tensor:
+    """Globally optimal codebook of the points rounded to ``coarse`` equal-width bins, for the penalty form of
+    trimming: every point costs min((x − c)², τ²) (``tau2`` = τ²; None: no trimming, plain k-means).
+
+    In sorted order an optimal solution alternates runs of trimmed points (cost τ² each) and clusters (their
+    sum of squares about their mean), so a dynamic programme over bin boundaries solves it:
+    G_j(l) = min_{m ≤ l} D_{j−1}(m) + τ²·N(m, l),  D_j(i) = min_{l ≤ i} G_j(l) + SSE(l, i),
+    the answer min_i D_k(i) + τ²·N(i, end); O(k · coarse²) work on (coarse + 1)² arrays. Like the coarse start of
+    :func:`lcompress.functional.kmeans_1d`, it keeps Lloyd's iterations out of poor local optima (here, for
+    instance, centres left on outliers that the pruning takes over).
+    """
+    N, S1, cost = table
+    coarse = N.numel() - 1
+    idx = torch.arange(coarse + 1, device=N.device)
     D = torch.full((coarse + 1,), float("inf"), dtype=cost.dtype, device=cost.device)
     D[0] = 0.0
     back = []
@@ -158,21 +167,20 @@ def _coarse_optimum(v: Tensor, prefix: Tensor, k: int, tau2: float | None, coars
         back.append((a, gl))
     end = D + (tau2 * (N[-1] - N) if tau2 is not None else torch.where(idx == coarse, 0.0, float("inf")))
     i = int(end.argmin())
-    cs, ns = [], []
+    cs = []
     for a, gl in reversed(back):
         l_ = int(a[i])
         cnt = float(N[i] - N[l_])
         cs.append(float(S1[i] - S1[l_]) / cnt if cnt > 0 else float("nan"))
-        ns.append(cnt)
         i = int(gl[l_])
-    c = torch.tensor(cs[::-1], dtype=v.dtype, device=v.device)
+    c = torch.tensor(cs[::-1], dtype=N.dtype, device=N.device)
     # an empty cluster (more clusters than occupied runs) takes its neighbour's centre
     if bool(torch.isnan(c).any()):
         ok = ~torch.isnan(c)
         if not bool(ok.any()):
-            return torch.full((k,), float(prefix[-1, 1] / prefix[-1, 0]), dtype=v.dtype, device=v.device)
+            return torch.full((k,), float(S1[-1] / N[-1]), dtype=N.dtype, device=N.device)
         good = torch.nonzero(ok).reshape(-1)
-        pos = torch.searchsorted(good, torch.arange(k, device=v.device)).clamp_(max=good.numel() - 1)
+        pos = torch.searchsorted(good, torch.arange(k, device=N.device)).clamp_(max=good.numel() - 1)
         c = torch.where(ok, c, c[good[pos]])
     return torch.sort(c).values
 
@@ -226,8 +234,9 @@ def trimmed_kmeans_1d(
     """
     v, prefix, unit = _points(x)
     problem = _Trimmed(v, prefix, unit, kappa)
+    table = _coarse_table(v, prefix) if init is None or kappa > 0 else None
     if init is None:
-        first = _coarse_optimum(v, prefix, k, None)
+        first = _coarse_optimum(table, k, None)
     else:
         first = init.reshape(-1).to(device=v.device, dtype=torch.float64)
         if first.numel() != k:
@@ -244,7 +253,7 @@ def trimmed_kmeans_1d(
             break
         # the penalty form's global coarse optimum at the τ of the best result so far
         tau = problem.tau(best[1])
-        start = _coarse_optimum(v, prefix, k, tau * tau)
+        start = _coarse_optimum(table, k, tau * tau)
         if tried is not None and torch.equal(start, tried):
             break
         tried = start
