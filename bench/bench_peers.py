@@ -15,7 +15,8 @@ First every lr of the grid on the first seed, then the best lr (lowest test erro
 Progress goes to stderr; the JSON (also written to ``--out`` after every run, so an interrupted bench resumes with
 the runs it has) goes to stdout.
 
-    python bench/bench_peers.py [--reference runs/reference/lenet300.pt] [--seeds 0,1,2] [--lrs 0.1,0.03,0.01,0.003]
+    OMP_WAIT_POLICY=PASSIVE python bench/bench_peers.py [--reference runs/reference/lenet300.pt] [--seeds 0,1,2,3,4]
+                                [--lrs 0.1,0.03,0.01,0.003,0.001] [--threads 1]
                                 [--runs k2:ste_codebook,prune_5:gmp] [--epochs 30] [--out bench/peers_DATE.json]
                                 [--reuse other.json,...]
 """
@@ -68,11 +69,11 @@ def scheme_tasks(scheme: str, method: str, reference: str):
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--reference", default="runs/reference/lenet300.pt")
-    p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--lrs", default="0.1,0.03,0.01,0.003")
+    p.add_argument("--seeds", default="0,1,2,3,4")
+    p.add_argument("--lrs", default="0.1,0.03,0.01,0.003,0.001")
     p.add_argument("--runs", default=",".join(RUNS))
     p.add_argument("--epochs", type=int, default=30)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1)
     p.add_argument("--raw-centroid-grad", action="store_true",
                    help="STE codebooks: the centroids' summed gradients instead of their members' mean (an ablation)")
     p.add_argument("--prune-end", type=float, default=0.75, help="GMP: fraction of the run over which sparsity rises")
