@@ -94,7 +94,7 @@ class _Penalty(torch.autograd.Function):
         ctx.c = neg_mu_targets
         ctx.g = g
         ctx.save_for_backward(*params)  # so that autograd notices weights changed in place before backward
-        return torch.stack([n.float() for n in norms] if g[0].dtype in _HALF else norms).square().sum() * (0.5 / mu)
+        return torch.stack(norms).square().sum() * (0.5 / mu)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
