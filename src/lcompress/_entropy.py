@@ -1,28 +1,33 @@
-"""Lossless stage: order-0 entropy coding of integer symbol streams (quantization codes, support gaps).
+"""Lossless stage: entropy coding of integer symbol streams (quantization codes, support gaps).
 
-A stream of n symbols from the alphabet [0, A) is stored in whichever of two forms is shorter:
+A stream of n symbols from the alphabet [0, A) is stored in whichever of these forms is shortest:
 
 * **raw**: the symbols bit-packed at ⌈log₂ A⌉ bits each (:func:`lcompress.export.pack_bits`), exactly
   ⌈n·⌈log₂ A⌉ / 8⌉ bytes;
-* **coded**: strictly fewer bytes than raw, and self-describing:
+* **coded**, strictly fewer bytes than raw and self-describing: one byte naming the method, then
 
-  - one byte, the method: :data:`ANS` (range-coded by an asymmetric-numeral-systems coder) or :data:`CONSTANT`
-    (a single symbol repeated n times, nothing else stored);
-  - the model, as LEB128 varints: k (the number of distinct symbols), the k symbols as gaps (s₀, s₁ − s₀ − 1,
-    …) and, for ANS, the counts of the first k − 1 of them (the last is n minus their sum);
-  - for ANS: the little-endian uint32 words of a ``constriction`` ``AnsCoder`` (64-bit state, 24-bit
-    probabilities) that coded the ranks of the symbols among the k, each with the probability
-    ``Categorical(counts, perfect=False)`` gives it.
+  - :data:`ANS`: an order-0 model, as LEB128 varints: k (the number of distinct symbols), the k symbols as gaps
+    (s₀, s₁ − s₀ − 1, …) and the counts of the first k − 1 of them (the last is n minus their sum); then the
+    little-endian uint32 words of a ``constriction`` ``AnsCoder`` (asymmetric numeral systems, 64-bit state,
+    24-bit probabilities) that coded the ranks of the symbols among the k, each with the probability
+    ``Categorical(counts, perfect=False)`` gives it. Within a few bytes of n·H (H the empirical entropy) plus
+    the model: the best form for symbols drawn independently;
+  - :data:`CONSTANT`: k = 1 and the one symbol (varints), nothing else;
+  - :data:`ZSTD_PACKED` / :data:`ZSTD_SYMBOLS`: a zstd frame (level :data:`ZSTD_LEVEL`, with its 4-byte
+    checksum, so that a changed byte is found as it is in an ANS stream; no content size or dictionary) of the raw form, or of the symbols at 1, 2 or 4 little-endian bytes each. zstd's
+    matching finds what an order-0 model cannot: repeats, such as the same support pattern in the rows of a
+    layer whose inputs are dead (image borders), or runs of equal codes.
 
 So the stream's length is its flag: a stream of exactly the raw length is raw, a shorter one is coded, a longer
-one is corrupt. Coding never costs more than the raw form, and an n·H-bit stream (H the empirical entropy) takes
-about n·H / 8 bytes plus the model (a few bytes a distinct symbol) plus at most 8 bytes of coder state.
+one is corrupt. Coding never costs more than the raw form.
 
-Decoding trusts nothing in the stream: the caller gives n and A (bounded by the file's header), the model is
-checked against them before anything is allocated (k ≤ min(n, A), symbols increasing and below A, counts ≥ 1
-summing to n), at most n symbols are decoded, and the result must use up the coder exactly and reproduce the
-model's counts; anything else raises :class:`lcompress.export.CorruptFileError`. Encoding and decoding are
-vectorised (the coder runs in compiled code; no Python loop over symbols).
+Decoding trusts nothing in the stream: the caller gives n and A (bounded by the file's header) and nothing of
+more than about n symbols is allocated. An ANS model is checked against n and A before it is used (k ≤ min(n,
+A), symbols increasing and below A, counts ≥ 1 summing to n), and the coder must decode n symbols, end
+exactly at its data's end and reproduce the model's counts; a zstd frame may not declare another size, need a
+window larger than its output, fail its checksum, decode to other than the expected bytes or leave bytes after it. Anything else
+raises :class:`lcompress.export.CorruptFileError`. Encoding and decoding are vectorised (the coders run in
+compiled code; no Python loop over symbols).
 
 >>> import numpy as np
 >>> x = np.array([0] * 90 + [1] * 9 + [3])
@@ -39,10 +44,15 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["ANS", "CONSTANT", "MAX_ALPHABET", "encode", "decode", "raw_size", "pack_bits_raw"]
+__all__ = ["ANS", "CONSTANT", "ZSTD_PACKED", "ZSTD_SYMBOLS", "MAX_ALPHABET", "encode", "decode", "form", "raw_size",
+           "pack_bits_raw"]
 
 ANS = 1
 CONSTANT = 2
+ZSTD_PACKED = 3
+ZSTD_SYMBOLS = 4
+METHODS = {ANS: "ans", CONSTANT: "constant", ZSTD_PACKED: "zstd-packed", ZSTD_SYMBOLS: "zstd-symbols"}
+ZSTD_LEVEL = 19
 #: Largest alphabet: symbols are at most 32 bits wide (the raw form's limit).
 MAX_ALPHABET = 1 << 32
 #: Most distinct symbols an ANS model may have; its probabilities have 24 bits, so each symbol keeps room.
@@ -133,16 +143,46 @@ def _histogram(x: np.ndarray, alphabet_size: int) -> tuple[np.ndarray, np.ndarra
     return used, counts, inverse
 
 
+def _symbol_bytes(x: np.ndarray, width: int) -> bytes:
+    return x.astype("<u1" if width <= 8 else "<u2" if width <= 16 else "<u4").tobytes()
+
+
+def _zstd_frame(data: bytes) -> bytes:
+    import zstandard
+
+    c = zstandard.ZstdCompressor(level=ZSTD_LEVEL, write_checksum=True, write_content_size=False,
+                                 write_dict_id=False)
+    return c.compress(data)
+
+
+def _ans(x: np.ndarray, a: int, raw: int) -> bytes | None:
+    """The ANS or constant form, or None where its model alone is no shorter than ``raw``."""
+    used, counts, rank = _histogram(x, a)
+    gaps = np.diff(used, prepend=-1) - 1
+    if used.size == 1:
+        return bytes([CONSTANT]) + _varints(np.array([1, used[0]]))
+    if used.size > MAX_CODED_SYMBOLS:
+        return None
+    head = bytes([ANS]) + _varints(np.concatenate([[used.size], gaps, counts[:-1]]))
+    if len(head) >= raw:
+        return None
+    import constriction
+
+    coder = constriction.stream.stack.AnsCoder()
+    coder.encode_reverse(rank.astype(np.int32), _model(counts))
+    return head + coder.get_compressed().astype("<u4").tobytes()
+
+
 def encode(symbols: Any, alphabet_size: int) -> bytes:
-    """Entropy-code ``symbols`` (integers in [0, alphabet_size)), or pack them raw if that is no longer.
+    """Entropy-code ``symbols`` (integers in [0, alphabet_size)) in the shortest form (see the module docstring).
 
     Args:
         symbols: a 1-d array-like (numpy array, tensor, list) of integers.
         alphabet_size: A, 1 ≤ A ≤ 2³²; the raw form takes ⌈log₂ A⌉ bits a symbol.
 
     Returns:
-        The stream (see the module docstring): at most :func:`raw_size` (n, A) bytes, and fewer exactly when it
-        is coded.
+        The stream: at most :func:`raw_size` (n, A) bytes, and fewer exactly when it is coded. The same
+        symbols give the same bytes.
 
     Raises:
         ValueError: ``alphabet_size`` out of range, or a symbol outside [0, alphabet_size).
@@ -156,25 +196,45 @@ def encode(symbols: Any, alphabet_size: int) -> bytes:
     if x.size and (int(x.min()) < 0 or int(x.max()) >= a):
         raise ValueError(f"symbols must lie in [0, alphabet_size={a}), got [{int(x.min())}, {int(x.max())}]")
     x = x.astype(np.int64, copy=False)
-    n, raw = x.size, raw_size(x.size, a)
-    if n == 0 or a == 1:
+    width, raw = _width(a), raw_size(x.size, a)
+    if raw == 0:
         return b""
-    used, counts, rank = _histogram(x, a)
-    gaps = np.diff(used, prepend=-1) - 1
-    if used.size == 1:
-        coded = bytes([CONSTANT]) + _varints(np.array([1, used[0]]))
-    elif used.size <= MAX_CODED_SYMBOLS:
-        head = bytes([ANS]) + _varints(np.concatenate([[used.size], gaps, counts[:-1]]))
-        if len(head) >= raw:
-            return pack_bits_raw(x, a)
-        import constriction
+    packed = pack_bits_raw(x, a)
+    best = packed
+    ans = _ans(x, a, raw)
+    if ans is not None and len(ans) < len(best):
+        best = ans
+    if len(best) > 8:  # a zstd frame takes ≥ 8 bytes with its method byte
+        candidates = [(ZSTD_PACKED, packed)]
+        if width not in (8, 16, 32):  # there the packed bytes are the symbols' bytes
+            candidates.append((ZSTD_SYMBOLS, _symbol_bytes(x, width)))
+        for method, data in candidates:
+            z = bytes([method]) + _zstd_frame(data)
+            if len(z) < len(best):
+                best = z
+    return best
 
-        coder = constriction.stream.stack.AnsCoder()
-        coder.encode_reverse(rank.astype(np.int32), _model(counts))
-        coded = head + coder.get_compressed().astype("<u4").tobytes()
-    else:
-        coded = None
-    return coded if coded is not None and len(coded) < raw else pack_bits_raw(x, a)
+
+def _unzstd(body: np.ndarray, expect: int) -> bytes:
+    """The ``expect`` bytes a zstd frame holds, allocating at most about ``expect`` (window included)."""
+    import zstandard
+
+    frame = body.tobytes()
+    window = 1 << max(10, math.ceil(math.log2(max(expect, 1))))
+    try:
+        size = zstandard.get_frame_parameters(frame).content_size
+        if size not in (expect, zstandard.CONTENTSIZE_UNKNOWN):
+            raise _corrupt(f"a zstd frame declares {size} bytes, not {expect}")
+        dctx = zstandard.ZstdDecompressor(max_window_size=window)
+        out = dctx.decompress(frame, max_output_size=expect) if expect else b""
+        obj = dctx.decompressobj()  # the frame is known to decode to expect bytes: check it ends the stream
+        obj.decompress(frame)
+        ends = obj.eof and not obj.unused_data
+    except zstandard.ZstdError as e:
+        raise _corrupt(f"a zstd frame does not decode ({e})") from None
+    if len(out) != expect or not ends:
+        raise _corrupt(f"a zstd frame decodes to {len(out)} bytes, not {expect}, or has bytes after it")
+    return out
 
 
 def decode(data: bytes | bytearray | memoryview | np.ndarray, n: int, alphabet_size: int) -> np.ndarray:
@@ -182,13 +242,13 @@ def decode(data: bytes | bytearray | memoryview | np.ndarray, n: int, alphabet_s
 
     Args:
         data: the stream.
-        n: the number of symbols, bounded by the caller (nothing larger than n symbols is allocated).
+        n: the number of symbols, bounded by the caller (nothing of much more than n symbols is allocated).
         alphabet_size: A, as given to :func:`encode`.
 
     Raises:
         ValueError: ``n`` or ``alphabet_size`` out of range (a caller's error).
-        CorruptFileError: the stream is longer than the raw form, or a coded stream whose model does not fit
-            n and A or whose coder data does not decode to exactly that model.
+        CorruptFileError: the stream is longer than the raw form, or a coded stream that does not decode to n
+            symbols below A exactly as the module docstring says.
     """
     a = _check_alphabet(alphabet_size)
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
@@ -200,17 +260,37 @@ def decode(data: bytes | bytearray | memoryview | np.ndarray, n: int, alphabet_s
     if buf.size > raw:
         raise _corrupt(f"an entropy-coded stream of {buf.size} bytes is longer than its raw form ({raw} bytes)")
     if buf.size == raw:
-        from .export import unpack_bits
-
-        x = unpack_bits(buf, n, width)
-        if x.size and int(x.max()) >= a:
-            raise _corrupt(f"a raw stream holds the symbol {int(x.max())}, beyond its alphabet of {a}")
-        return x.astype(out_dtype, copy=False)
+        return _checked(_unpack(buf, n, width), a, out_dtype)
     if buf.size == 0:
         raise _corrupt(f"an entropy-coded stream of {n} symbols is empty")
     method = int(buf[0])
+    if method == ZSTD_PACKED:
+        return _checked(_unpack(np.frombuffer(_unzstd(buf[1:], raw), np.uint8), n, width), a, out_dtype)
+    if method == ZSTD_SYMBOLS:
+        dt = "<u1" if width <= 8 else "<u2" if width <= 16 else "<u4"
+        x = np.frombuffer(_unzstd(buf[1:], n * np.dtype(dt).itemsize), dt)
+        return _checked(x, a, out_dtype)
     if method not in (ANS, CONSTANT):
         raise _corrupt(f"an entropy-coded stream has unknown method {method}")
+    return _decode_ans(buf, method, n, a, out_dtype)
+
+
+def _unpack(buf: np.ndarray, n: int, width: int) -> np.ndarray:
+    from .export import unpack_bits
+
+    used = n * width % 8
+    if used and int(buf[-1]) >> used:  # pack_bits pads with zeros: anything else is another stream's bytes
+        raise _corrupt(f"a bit-packed stream of {n} symbols of {width} bits has nonzero padding")
+    return unpack_bits(buf, n, width)
+
+
+def _checked(x: np.ndarray, a: int, out_dtype) -> np.ndarray:
+    if x.size and int(x.max()) >= a:
+        raise _corrupt(f"a stream holds the symbol {int(x.max())}, beyond its alphabet of {a}")
+    return x.astype(out_dtype)
+
+
+def _decode_ans(buf: np.ndarray, method: int, n: int, a: int, out_dtype) -> np.ndarray:
     (k,), pos = _read_varints(buf, 1, 1, "symbol count")
     if not 1 <= k <= min(n, a, MAX_CODED_SYMBOLS) or (method == CONSTANT) != (k == 1):
         raise _corrupt(f"an entropy model of {k} symbols for {n} symbols of an alphabet of {a} (method {method})")
@@ -245,3 +325,10 @@ def decode(data: bytes | bytearray | memoryview | np.ndarray, n: int, alphabet_s
     if not exhausted or not np.array_equal(np.bincount(ranks, minlength=k), counts):
         raise _corrupt("the entropy coder's data does not decode to its model's counts")
     return used.astype(out_dtype)[ranks]
+
+
+def form(data: bytes, n: int, alphabet_size: int) -> str:
+    """The form a stream of :func:`encode` is in: "raw", "ans", "constant", "zstd-packed" or "zstd-symbols"."""
+    if len(data) == raw_size(n, alphabet_size):
+        return "raw"
+    return METHODS.get(data[0], "unknown") if data else "unknown"
