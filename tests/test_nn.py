@@ -97,12 +97,13 @@ def test_codebook_linear_and_memory():
     cb = torch.tensor([-0.3, -0.1, 0.05, 0.2])
     codes = torch.randint(0, 4, (32, 64))
     m = CodebookLinear.from_codes(lin, cb, codes)
-    assert m.codes.dtype == torch.uint8 and m.codebook.dtype == torch.float32
+    assert m.packed_codes.dtype == torch.uint8 and m.codebook.dtype == torch.float32
+    assert torch.equal(m.codes, codes.to(torch.uint8))
     assert "weight" not in dict(m.named_parameters())
     x = torch.randn(5, 64)
     assert _close(m(x), F.linear(x, cb[codes], lin.bias))
     weight_bytes = sum(b.numel() * b.element_size() for b in m.buffers())
-    assert weight_bytes == 32 * 64 + 4 * 4  # a quarter of the dense float32 weight
+    assert weight_bytes == 32 * 64 // 4 + 4 * 4  # 2-bit codes: a sixteenth of the dense float32 weight
     with pytest.raises(ValueError, match="codes must lie"):
         CodebookLinear.from_codes(lin, cb, torch.full((32, 64), 4))
 
@@ -341,10 +342,10 @@ def test_onnx_export_of_compact_model_runs_in_onnxruntime(tmp_path):
     alg.export(tmp_path / "n.lcz")
     sk = lc.load(tmp_path / "n.lcz", Net().eval(), compact=True)
     x = torch.randn(2, 3, 8, 8)
-    # optimize=False keeps the uint8 codes as initializers instead of folding them into float weights
+    # optimize=False keeps the packed uint8 codes as initializers instead of folding them into float weights
     torch.onnx.export(sk, (x,), str(tmp_path / "n.onnx"), dynamo=True, optimize=False)
     inits = {i.name: i.data_type for i in onnx.load(str(tmp_path / "n.onnx")).graph.initializer}
-    assert inits["fc2.codes"] == onnx.TensorProto.UINT8
+    assert inits["fc2.packed_codes"] == onnx.TensorProto.UINT8
     sess = ort.InferenceSession(str(tmp_path / "n.onnx"))
     y = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
     assert _close(torch.from_numpy(y), sk(x))

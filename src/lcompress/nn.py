@@ -27,7 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import _packed
 from .compressions.lowrank import CONV_SCHEMES
+from .sizes import index_bits
 
 __all__ = [
     "SPARSE_CROSSOVER_DENSITY",
@@ -36,6 +38,8 @@ __all__ = [
     "SparseLinear",
     "CodebookLinear",
     "CodebookConv2d",
+    "CodebookEmbedding",
+    "CODEBOOK_TILE_WEIGHTS",
     "task_specs",
     "compact_model",
     "remove_dead_neurons",
@@ -316,34 +320,106 @@ class SparseLinear(nn.Module):
                 f"density={self.density:.4f}")
 
 
-def _codes_dtype(k: int) -> torch.dtype:
-    return torch.uint8 if k <= 256 else (torch.int16 if k <= 2**15 else torch.int32)
+#: Weights decoded at a time by :class:`CodebookLinear` (a tile of rows; 4 MiB of float32). Measured with
+#: ``bench/bench_compact_memory.py``: on a 4096×4096 layer at K = 2–16, decoding tiles of 2¹⁶–2²⁰ weights and
+#: multiplying each while it is in cache was 2–6× faster at batch 1 than decoding the whole weight per call, and
+#: 2²⁰ was the fastest tile at both batch 1 and 64 (``bench/RESULTS.md``).
+CODEBOOK_TILE_WEIGHTS = 1 << 20
 
 
-def _decode(codebook: Tensor, codes: Tensor) -> Tensor:
-    # int32 indices: index_select accepts them and ONNX maps the gather to one Gather node
-    return codebook.index_select(0, codes.reshape(-1).to(torch.int32)).reshape(codes.shape)
+def _check_codes(codes: Tensor, k: int, p: Tensor, what: str) -> None:
+    if codes.numel() != p.numel():
+        raise ValueError(f"{what}: {codes.numel()} codes for a weight of shape {tuple(p.shape)}")
+    if codes.is_floating_point() or codes.is_complex():
+        raise TypeError(f"{what}: codes must be an integer tensor, got dtype={codes.dtype}")
+    if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= k):
+        raise ValueError(f"{what}: codes must lie in [0, {k})")
 
 
-class CodebookLinear(nn.Module):
-    """A Linear layer with weight codebook[codes]: ``codes`` (out, in) integers (uint8 for K ≤ 256) and
-    ``codebook`` (K,) float32 are buffers, and the weight is decoded in each ``forward`` call.
+class _PackedCodes(nn.Module):
+    """Shared state of the codebook layers: ``packed_codes`` (the codes of the weight, flattened row-major,
+    bit-packed at ⌈log₂ K⌉ bits as :mod:`lcompress._packed` lays them out) and ``codebook`` (K,) at the layer's
+    dtype, both buffers."""
+
+    def _init_codes(self, shape: tuple[int, ...], k: int) -> None:
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"k={k!r} must be an integer >= 1 (the codebook size)")
+        self.k, self.weight_shape = int(k), tuple(int(s) for s in shape)
+        n = math.prod(self.weight_shape)
+        dtype = torch.uint8 if index_bits(self.k) <= 8 else _packed._unpacked_dtype(self.k)
+        self.register_buffer("packed_codes", torch.zeros(_packed.packed_bytes(n, self.k), dtype=dtype))
+        self.register_buffer("codebook", torch.zeros(self.k))
+
+    def _fill(self, codebook: Tensor, codes: Tensor, p: Tensor, what: str) -> None:
+        if codebook.numel() != self.k:
+            raise ValueError(f"{what}: a codebook of {codebook.numel()} entries for k={self.k}")
+        _check_codes(codes, self.k, p, what)
+        cb = codebook.detach() if codebook.requires_grad else codebook
+        if cb.dtype != p.dtype or cb.device != p.device:
+            cb = cb.to(p.device, p.dtype)
+        self.codebook = cb if cb.dim() == 1 else cb.reshape(-1)
+        self.packed_codes = _packed.pack_codes(codes.to(p.device), self.k)
+
+    @property
+    def codes(self) -> Tensor:
+        """The codes, unpacked to the weight's shape (a new tensor; uint8 for K ≤ 256)."""
+        n = math.prod(self.weight_shape)
+        return _packed.unpack_codes(self.packed_codes, n, self.k).reshape(self.weight_shape)
+
+    def decoded_weight(self) -> Tensor:
+        """The decoded weight codebook[codes] (a new tensor)."""
+        n = math.prod(self.weight_shape)
+        return _packed.Decoder(self.packed_codes, self.codebook, self.k).values(0, n).reshape(self.weight_shape)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        old = prefix + "codes"
+        if old in state_dict and prefix + "packed_codes" not in state_dict:  # a state dict of unpacked codes
+            state_dict[prefix + "packed_codes"] = _packed.pack_codes(state_dict.pop(old), self.k)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        key = prefix + "packed_codes"
+        pc = state_dict.get(key)
+        if isinstance(pc, Tensor) and pc.dtype != self.packed_codes.dtype:
+            error_msgs.append(f"{key}: dtype {pc.dtype}, expected {self.packed_codes.dtype} for k={self.k}")
+        elif isinstance(pc, Tensor) and pc.numel() == self.packed_codes.numel() and self.k & (self.k - 1):
+            # a K that is not a power of two leaves room for codes ≥ K (padding included: every stored code)
+            w = index_bits(self.k)
+            n = pc.numel() * 8 // w if w <= 8 else pc.numel()
+            if n and int(_packed.unpack_codes(pc, n, self.k).max()) >= self.k:
+                error_msgs.append(f"{key}: holds a code >= k={self.k}")
+
+
+class CodebookLinear(_PackedCodes):
+    """A Linear layer with weight codebook[codes], keeping the codes bit-packed in memory.
+
+    ``packed_codes`` holds the (out, in) codes at ⌈log₂ K⌉ bits each (uint8 bytes, see :mod:`lcompress._packed`;
+    K > 256 keeps int16/int32 codes) and ``codebook`` (K,) the values at the layer's dtype, both buffers, so the
+    resident weight memory is about what the ``.lcz`` file stores for it: 1/32 of a float32 weight at K = 2.
+    ``forward`` decodes the weight a tile of rows at a time (about ``tile_weights`` weights) and multiplies each
+    tile while it is in cache; no decoded weight outlives the call.
 
     Args:
         in_features, out_features: the layer's sizes.
         k: the codebook size K.
         bias: keep a dense bias.
+        tile_weights: weights decoded at a time (default :data:`CODEBOOK_TILE_WEIGHTS`); None decodes the whole
+            weight in each call (one matrix product: what ``torch.onnx.export`` of a large layer wants).
     """
 
-    def __init__(self, in_features: int, out_features: int, k: int, bias: bool = True) -> None:
+    def __init__(self, in_features: int, out_features: int, k: int, bias: bool = True,
+                 tile_weights: int | None = CODEBOOK_TILE_WEIGHTS) -> None:
         super().__init__()
-        self.in_features, self.out_features, self.k = int(in_features), int(out_features), int(k)
-        self.register_buffer("codes", torch.zeros(self.out_features, self.in_features, dtype=_codes_dtype(self.k)))
-        self.register_buffer("codebook", torch.zeros(self.k))
+        if tile_weights is not None and (isinstance(tile_weights, bool) or not isinstance(tile_weights, int)
+                                         or tile_weights < 1):
+            raise ValueError(f"tile_weights={tile_weights!r} must be a positive integer or None")
+        self.in_features, self.out_features, self.tile_weights = int(in_features), int(out_features), tile_weights
+        self._init_codes((self.out_features, self.in_features), k)
         self.bias = nn.Parameter(torch.zeros(self.out_features)) if bias else None
 
     @classmethod
-    def from_codes(cls, linear: nn.Linear, codebook: Tensor, codes: Tensor) -> "CodebookLinear":
+    def from_codes(cls, linear: nn.Linear, codebook: Tensor, codes: Tensor,
+                   tile_weights: int | None = CODEBOOK_TILE_WEIGHTS) -> "CodebookLinear":
         """The layer with weight ``codebook[codes]`` and ``linear``'s bias.
 
         ``codebook`` is kept as given when it already has the layer's dtype and device, so several layers of a
@@ -353,35 +429,28 @@ class CodebookLinear(nn.Module):
             ValueError: ``codes`` does not have the weight's number of elements, or holds a code ≥ K.
         """
         p = linear.weight
-        m = cls(linear.in_features, linear.out_features, codebook.numel(), bias=linear.bias is not None)
+        m = cls(linear.in_features, linear.out_features, codebook.numel(), bias=linear.bias is not None,
+                tile_weights=tile_weights)
         m.to(p.device, p.dtype)
-        _fill_codes(m, codebook, codes, p, "CodebookLinear")
+        m._fill(codebook, codes, p, "CodebookLinear")
         if linear.bias is not None:
             with torch.no_grad():
                 m.bias.copy_(linear.bias)
         return m
 
-    def decoded_weight(self) -> Tensor:
-        """The decoded weight codebook[codes] (a new tensor)."""
-        return _decode(self.codebook, self.codes)
-
     def forward(self, x: Tensor) -> Tensor:
-        return F.linear(x, self.decoded_weight(), self.bias)
+        o, i = self.out_features, self.in_features
+        dec = _packed.Decoder(self.packed_codes, self.codebook, self.k)
+        rows = o if self.tile_weights is None else _packed.tile_rows(i, self.tile_weights)
+        if rows >= o:
+            return F.linear(x, dec.values(0, o * i).view(o, i), self.bias)
+        b = self.bias
+        ys = [F.linear(x, dec.values(r * i, min(rows, o - r) * i).view(-1, i), None if b is None else b[r : r + rows])
+              for r in range(0, o, rows)]
+        return torch.cat(ys, dim=-1)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, k={self.k}"
-
-
-def _fill_codes(m: nn.Module, codebook: Tensor, codes: Tensor, p: Tensor, what: str) -> None:
-    if codes.numel() != p.numel():
-        raise ValueError(f"{what}: {codes.numel()} codes for a weight of shape {tuple(p.shape)}")
-    if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= codebook.numel()):
-        raise ValueError(f"{what}: codes must lie in [0, {codebook.numel()})")
-    cb = codebook.detach() if codebook.requires_grad else codebook
-    if cb.dtype != p.dtype or cb.device != p.device:
-        cb = cb.to(p.device, p.dtype)
-    m.codebook = cb if cb.dim() == 1 else cb.reshape(-1)
-    m.codes = codes.detach().reshape(p.shape).to(p.device, _codes_dtype(codebook.numel()))
 
 
 def _conv_padding(padding, kernel_size, dilation) -> list[int]:
@@ -398,8 +467,12 @@ def _conv_padding(padding, kernel_size, dilation) -> list[int]:
     return [pw, pw, ph, ph]
 
 
-class CodebookConv2d(nn.Module):
-    """A Conv2d with weight codebook[codes] decoded in each ``forward`` call (see :class:`CodebookLinear`).
+class CodebookConv2d(_PackedCodes):
+    """A Conv2d with weight codebook[codes], the codes bit-packed in memory (see :class:`CodebookLinear`).
+
+    The whole weight is decoded in each ``forward`` call and freed after it: a conv reuses every weight at each
+    output position, so one decode is small beside the convolution, and tiling by output channels would repeat
+    the convolution's input unfolding per tile.
 
     Args:
         in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode: as for
@@ -421,13 +494,11 @@ class CodebookConv2d(nn.Module):
         padding_mode: str = "zeros",
     ) -> None:
         super().__init__()
-        self.in_channels, self.out_channels, self.k, self.groups = int(in_channels), int(out_channels), int(k), groups
+        self.in_channels, self.out_channels, self.groups = int(in_channels), int(out_channels), groups
         self.kernel_size, self.stride, self.dilation = _pair(kernel_size), _pair(stride), _pair(dilation)
         self.padding = padding if isinstance(padding, str) else _pair(padding)
         self.padding_mode = padding_mode
-        shape = (self.out_channels, self.in_channels // groups, *self.kernel_size)
-        self.register_buffer("codes", torch.zeros(shape, dtype=_codes_dtype(self.k)))
-        self.register_buffer("codebook", torch.zeros(self.k))
+        self._init_codes((self.out_channels, self.in_channels // groups, *self.kernel_size), k)
         self.bias = nn.Parameter(torch.zeros(self.out_channels)) if bias else None
 
     @classmethod
@@ -441,15 +512,11 @@ class CodebookConv2d(nn.Module):
         m = cls(conv.in_channels, conv.out_channels, conv.kernel_size, codebook.numel(), conv.stride, conv.padding,
                 conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode)
         m.to(p.device, p.dtype)
-        _fill_codes(m, codebook, codes, p, "CodebookConv2d")
+        m._fill(codebook, codes, p, "CodebookConv2d")
         if conv.bias is not None:
             with torch.no_grad():
                 m.bias.copy_(conv.bias)
         return m
-
-    def decoded_weight(self) -> Tensor:
-        """The decoded weight codebook[codes] (a new tensor)."""
-        return _decode(self.codebook, self.codes)
 
     def forward(self, x: Tensor) -> Tensor:
         w = self.decoded_weight()
@@ -461,6 +528,73 @@ class CodebookConv2d(nn.Module):
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, k={self.k}, "
                 f"stride={self.stride}, padding={self.padding}")
+
+
+class CodebookEmbedding(_PackedCodes):
+    """An embedding table whose row r is codebook[r][codes[r]]: each row its own K-entry codebook
+    (:class:`lcompress.RowwiseQuantization`), the codes bit-packed in memory.
+
+    ``packed_codes`` holds the (num_embeddings, embedding_dim) codes at ⌈log₂ K⌉ bits, each row padded to a whole
+    number of 8-code groups (none when the dimension is a multiple of 8), so a lookup unpacks only the rows it
+    reads; ``codebook`` (num_embeddings, K) holds the rows' values at the layer's dtype.
+
+    Args:
+        num_embeddings, embedding_dim: the table's sizes.
+        k: the entries of each row's codebook.
+        padding_idx: kept for the record, as :class:`torch.nn.Embedding` (it affects only training).
+    """
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, k: int, padding_idx: int | None = None) -> None:
+        super().__init__()
+        self.num_embeddings, self.embedding_dim, self.padding_idx = int(num_embeddings), int(embedding_dim), padding_idx
+        self._init_codes((self.num_embeddings, self.embedding_dim), k)
+        self.row_bytes = _packed.packed_bytes(self.embedding_dim, self.k)
+        self.packed_codes = self.packed_codes.new_zeros(self.num_embeddings * self.row_bytes)
+        self.codebook = torch.zeros(self.num_embeddings, self.k)
+
+    @classmethod
+    def from_codes(cls, embedding: nn.Embedding, codebook: Tensor, codes: Tensor) -> "CodebookEmbedding":
+        """The table with ``embedding``'s sizes whose row r is ``codebook[r][codes[r]]``.
+
+        Raises:
+            ValueError: ``codebook`` is not (num_embeddings, K), ``codes`` does not have the table's number of
+                elements, or holds a code ≥ K.
+        """
+        p = embedding.weight
+        v, d = p.shape
+        if codebook.dim() != 2 or codebook.shape[0] != v:
+            raise ValueError(f"CodebookEmbedding: codebook of shape {tuple(codebook.shape)} for {v} rows")
+        m = cls(v, d, int(codebook.shape[1]), embedding.padding_idx).to(p.device, p.dtype)
+        _check_codes(codes, m.k, p, "CodebookEmbedding")
+        codes = codes.detach().to(p.device).reshape(v, d)
+        pad = -(-d // _packed.GROUP) * _packed.GROUP - d
+        m.packed_codes = _packed.pack_codes(F.pad(codes, (0, pad)) if pad else codes, m.k)
+        m.codebook = codebook.detach().to(p.device, p.dtype).clone()
+        return m
+
+    def _row_codes(self, rows: Tensor | None) -> Tensor:
+        """(rows, embedding_dim) codes of the given rows (None: every row)."""
+        d = self.embedding_dim
+        dpad = -(-d // _packed.GROUP) * _packed.GROUP if index_bits(self.k) <= 8 else d
+        packed = self.packed_codes.view(self.num_embeddings, self.row_bytes)
+        sel = packed if rows is None else packed[rows]
+        n = sel.shape[0]
+        return _packed.unpack_codes(sel.reshape(-1), n * dpad, self.k).view(n, dpad)[:, :d]
+
+    @property
+    def codes(self) -> Tensor:
+        return self._row_codes(None).clone()
+
+    def decoded_weight(self) -> Tensor:
+        return torch.gather(self.codebook, 1, self._row_codes(None).long())
+
+    def forward(self, ids: Tensor) -> Tensor:
+        flat = ids.reshape(-1)
+        out = torch.gather(self.codebook[flat], 1, self._row_codes(flat).long())
+        return out.reshape(*ids.shape, self.embedding_dim)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, k={self.k}"
 
 
 # ---- converting a model ------------------------------------------------------------------------------------
