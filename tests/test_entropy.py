@@ -2,6 +2,7 @@
 streams."""
 import hashlib
 import math
+import time
 
 import numpy as np
 import pytest
@@ -309,3 +310,15 @@ def test_module_doctest():
     import doctest
 
     assert doctest.testmod(E).failed == 0
+
+
+def test_repeated_encodes_are_cached_and_equal():
+    rng = np.random.default_rng(9)
+    x = rng.geometric(0.2, size=50_000).clip(1, 64) - 1
+    first = E.encode(x, 64)
+    t = time.perf_counter()
+    again = E.encode(x.copy(), 64)
+    assert again == first and time.perf_counter() - t < 0.05
+    y = x.copy()
+    y[17] = (y[17] + 1) % 64  # one symbol changed: a new stream, not the cached one
+    assert np.array_equal(E.decode(E.encode(y, 64), y.size, 64), y)

@@ -13,10 +13,11 @@ A stream of n symbols from the alphabet [0, A) is stored in whichever of these f
     ``Categorical(counts, perfect=False)`` gives it. Within a few bytes of n·H (H the empirical entropy) plus
     the model: the best form for symbols drawn independently;
   - :data:`CONSTANT`: k = 1 and the one symbol (varints), nothing else;
-  - :data:`ZSTD_PACKED` / :data:`ZSTD_SYMBOLS`: a zstd frame (level :data:`ZSTD_LEVEL`, with its 4-byte
-    checksum, so that a changed byte is found as it is in an ANS stream; no content size or dictionary) of the raw form, or of the symbols at 1, 2 or 4 little-endian bytes each. zstd's
-    matching finds what an order-0 model cannot: repeats, such as the same support pattern in the rows of a
-    layer whose inputs are dead (image borders), or runs of equal codes.
+  - :data:`ZSTD_PACKED` / :data:`ZSTD_SYMBOLS`: a zstd frame (levels :data:`ZSTD_LEVELS` tried, with its 4-byte
+    checksum, so that a changed byte is found as it is in an ANS stream; no content size or dictionary) of the raw
+    form, or (for widths other than 1, 2, 4, 8, 16, 32 bits) of the symbols at 1, 2 or 4 little-endian bytes
+    each. zstd's matching finds what an order-0 model cannot: repeats, such as the same support pattern in the
+    rows of a layer whose inputs are dead (image borders), or runs of equal codes.
 
 So the stream's length is its flag: a stream of exactly the raw length is raw, a shorter one is coded, a longer
 one is corrupt. Coding never costs more than the raw form.
@@ -39,7 +40,10 @@ True
 """
 from __future__ import annotations
 
+import hashlib
 import math
+import threading
+from collections import OrderedDict
 from typing import Any
 
 import numpy as np
@@ -52,12 +56,19 @@ CONSTANT = 2
 ZSTD_PACKED = 3
 ZSTD_SYMBOLS = 4
 METHODS = {ANS: "ans", CONSTANT: "constant", ZSTD_PACKED: "zstd-packed", ZSTD_SYMBOLS: "zstd-symbols"}
-ZSTD_LEVEL = 19
+#: zstd levels tried (the decoder needs none): 19 is near zstd's best; 3 is sometimes shorter still on packed bits.
+ZSTD_LEVELS = (3, 19)
 #: Largest alphabet: symbols are at most 32 bits wide (the raw form's limit).
 MAX_ALPHABET = 1 << 32
 #: Most distinct symbols an ANS model may have; its probabilities have 24 bits, so each symbol keeps room.
 MAX_CODED_SYMBOLS = 1 << 20
 _MAX_VARINT_BYTES = 9  # 63 bits: every count, symbol and gap fits
+# encode() is deterministic and the size report asks for the same streams every LC step, then export once more:
+# recent results are kept, keyed by a digest of the symbols (hashing is ~100x cheaper than the zstd searches)
+_CACHE: OrderedDict[tuple[int, int, bytes], bytes] = OrderedDict()
+_CACHE_BYTES_MAX = 1 << 26
+_cache_bytes = 0
+_cache_lock = threading.Lock()
 
 
 def _corrupt(message: str) -> Exception:
@@ -147,10 +158,10 @@ def _symbol_bytes(x: np.ndarray, width: int) -> bytes:
     return x.astype("<u1" if width <= 8 else "<u2" if width <= 16 else "<u4").tobytes()
 
 
-def _zstd_frame(data: bytes) -> bytes:
+def _zstd_frame(data: bytes, level: int) -> bytes:
     import zstandard
 
-    c = zstandard.ZstdCompressor(level=ZSTD_LEVEL, write_checksum=True, write_content_size=False,
+    c = zstandard.ZstdCompressor(level=level, write_checksum=True, write_content_size=False,
                                  write_dict_id=False)
     return c.compress(data)
 
@@ -199,17 +210,40 @@ def encode(symbols: Any, alphabet_size: int) -> bytes:
     width, raw = _width(a), raw_size(x.size, a)
     if raw == 0:
         return b""
+    key = (a, x.size, hashlib.blake2b(np.ascontiguousarray(x).view(np.uint8), digest_size=16).digest())
+    with _cache_lock:
+        if key in _CACHE:
+            _CACHE.move_to_end(key)
+            return _CACHE[key]
+    best = _encode(x, a, width, raw)
+    _remember(key, best)
+    return best
+
+
+def _remember(key: tuple[int, int, bytes], data: bytes) -> None:
+    global _cache_bytes
+    if len(data) > _CACHE_BYTES_MAX // 4:
+        return
+    with _cache_lock:
+        if key not in _CACHE:
+            _CACHE[key] = data
+            _cache_bytes += len(data)
+        while _cache_bytes > _CACHE_BYTES_MAX:
+            _cache_bytes -= len(_CACHE.popitem(last=False)[1])
+
+
+def _encode(x: np.ndarray, a: int, width: int, raw: int) -> bytes:
     packed = pack_bits_raw(x, a)
     best = packed
     ans = _ans(x, a, raw)
     if ans is not None and len(ans) < len(best):
         best = ans
-    if len(best) > 8:  # a zstd frame takes ≥ 8 bytes with its method byte
-        candidates = [(ZSTD_PACKED, packed)]
-        if width not in (8, 16, 32):  # there the packed bytes are the symbols' bytes
-            candidates.append((ZSTD_SYMBOLS, _symbol_bytes(x, width)))
-        for method, data in candidates:
-            z = bytes([method]) + _zstd_frame(data)
+    if len(best) > 12:  # a zstd frame takes ≥ 12 bytes with its method byte and checksum
+        candidates = [(ZSTD_PACKED, packed, level) for level in ZSTD_LEVELS]
+        if width not in (1, 2, 4, 8, 16, 32):  # packing across byte boundaries hides repeats from zstd's matcher
+            candidates.append((ZSTD_SYMBOLS, _symbol_bytes(x, width), ZSTD_LEVELS[-1]))
+        for method, data, level in candidates:
+            z = bytes([method]) + _zstd_frame(data, level)
             if len(z) < len(best):
                 best = z
     return best
