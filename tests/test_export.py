@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import lcompress as lc
-from lcompress import export
+from lcompress import codecs, container, export
 from lcompress.models import get_model
 from lcompress.sizes import support_bits
 
@@ -242,15 +242,15 @@ def test_support_coding_matches_size_accounting(density):
     w = torch.zeros(n)
     w[idx] = torch.rand(idx.numel()) + 1.0
     comp.compress(w)
-    wr = export._Writer()
-    rec, bits = export._encode(comp, wr, "t")
-    assert bits == comp.count_bits()
+    wr = codecs.Writer()
+    rec = comp.codec.encode(comp, wr)
+    assert wr.bits == comp.count_bits()
     scheme, sbits, width = support_bits(idx, n)
     assert rec["support"] == scheme
     seg = rec["mask"] if scheme == "bitmask" else rec["deltas"]
     assert seg[1] == math.ceil(sbits / 8)
-    blob = torch.frombuffer(bytearray(b"".join(wr.blobs["theta"])), dtype=torch.uint8)
-    theta = export._decode(rec, export._Reader({"theta": blob}), comp.config(), "t")
+    blob = torch.frombuffer(bytearray(wr.payload()), dtype=torch.uint8)
+    theta = codecs.decode_theta(rec, codecs.Reader(blob), comp.config(), "t")
     assert torch.equal(theta["indices"], idx)
     assert torch.equal(theta["values"], w[idx])
 
@@ -259,9 +259,9 @@ def test_support_coding_uses_escapes_for_long_gaps():
     # positions far apart with a narrow best width exercise the escape symbol
     idx = torch.tensor([0, 1, 2, 3, 4, 5, 6, 7, 2000, 2001, 2002, 2003, 2004, 2005, 2006, 9000])
     width = 3
-    sym = export._delta_encode(idx.numpy(), width)
+    sym = codecs.delta_encode(idx, width).numpy()
     assert (sym == 7).sum() > 0
-    assert export._delta_decode(sym, width, idx.numel(), 10000).tolist() == idx.tolist()
+    assert codecs.delta_decode(sym, width, idx.numel(), 10000).tolist() == idx.tolist()
 
 
 # ---- errors -------------------------------------------------------------------------------------------------------
@@ -554,8 +554,9 @@ def test_inspect_decodes_nothing(fuzz_base, monkeypatch):
 
     def no_decoding(*a, **k):
         raise AssertionError("inspect decoded a tensor")
-    monkeypatch.setattr(export, "_decode", no_decoding)
-    monkeypatch.setattr(export, "_bytes_tensor", no_decoding)
+    for name in codecs.CODECS:
+        monkeypatch.setattr(type(codecs.CODECS[name]), "decode", no_decoding)
+    monkeypatch.setattr(codecs.Reader, "segment", no_decoding)
     assert [r["task"] for r in export.inspect(data)][-2:] == ["(uncompressed)", "(header)"]
 
 
@@ -590,12 +591,12 @@ def test_header_inflate_is_bounded_and_checksum_comes_before_parsing(fuzz_base, 
 
         def __getattr__(self, name):
             return getattr(self.d, name)
-    monkeypatch.setattr(export.zlib, "decompressobj", Spy)
-    cap = export.HEADER_MAX_FIXED + export.HEADER_MAX_RATIO * len(bomb)
+    monkeypatch.setattr(container.zlib, "decompressobj", Spy)
+    cap = container.HEADER_MAX_FIXED + container.HEADER_MAX_RATIO * len(bomb)
     with pytest.raises(export.CorruptFileError, match=f"inflates to more than {cap} bytes"):
         export.inspect(bomb)
     assert asked == [cap + 1, cap + 1]  # 64 MB in the stream, cap + 1 bytes inflated
-    monkeypatch.setattr(export.zlib, "decompressobj", real)
+    monkeypatch.setattr(container.zlib, "decompressobj", real)
     # JSON that does not parse, with the recorded checksum left as it was: the checksum is what fails
     table, _, payload = fz.split(data)
     table["__metadata__"]["header"] = _b64.b64encode(_zlib.compress(b"[" * 5000)).decode()
@@ -613,9 +614,9 @@ def test_real_headers_are_far_below_the_limits():
     data, _ = export.to_bytes(alg)
     table, header, _ = fz.split(data)
     hj = json.dumps(header, separators=(",", ":")).encode()
-    assert len(hj) < 0.5 * len(data) < export.HEADER_MAX_RATIO * len(data)
-    assert export._tokens(hj) < 0.05 * len(data) < export.TOKENS_MAX_RATIO * len(data)
-    assert export._tokens(data[8 : 8 + struct.unpack("<Q", data[:8])[0]]) < export.FRAME_MAX_TOKENS / 4
+    assert len(hj) < 0.5 * len(data) < container.HEADER_MAX_RATIO * len(data)
+    assert container._tokens(hj) < 0.05 * len(data) < container.TOKENS_MAX_RATIO * len(data)
+    assert container._tokens(data[8 : 8 + struct.unpack("<Q", data[:8])[0]]) < container.FRAME_MAX_TOKENS / 4
     assert export.read(data)["header"] == header
 
 

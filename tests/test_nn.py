@@ -149,7 +149,7 @@ def test_task_specs_joint_quantization_shares_one_codebook():
     net = Net()
     alg = lc.LC(net, {("fc2.weight", "fc3.weight"): lc.AdaptiveQuantization(4)})
     t = alg.tasks[0]
-    specs = task_specs(t.param_names, t.shapes, t.compression.theta)
+    specs = task_specs(t.param_names, t.shapes, t.compression)
     assert specs["fc2.weight"]["codebook"] is specs["fc3.weight"]["codebook"]
     assert specs["fc3.weight"]["codes"].shape == (10, 32)
     d = alg.decompressed()
@@ -161,7 +161,7 @@ def test_task_specs_joint_pruning_is_per_layer():
     net = Net()
     alg = lc.LC(net, {("fc1.weight", "fc2.weight", "fc3.weight"): lc.ConstraintL0Pruning(500)})
     t = alg.tasks[0]
-    specs = task_specs(t.param_names, t.shapes, t.compression.theta)
+    specs = task_specs(t.param_names, t.shapes, t.compression)
     d = alg.decompressed()
     assert sum(s["indices"].numel() for s in specs.values()) == 500
     for n, s in specs.items():
@@ -184,7 +184,7 @@ def test_compact_model_every_kind_matches_compressed_outputs():
         ref = net(x)
         specs = {}
         for t in alg.tasks:
-            specs.update(task_specs(t.param_names, t.shapes, t.compression.theta, t.conv_scheme))
+            specs.update(task_specs(t.param_names, t.shapes, t.compression, t.conv_scheme))
         done = compact_model(net, specs)
     assert done == {"conv": "LowRankConv2d", "fc1": "SparseLinear", "fc2": "CodebookLinear", "fc3": "CodebookLinear"}
     assert net.fc2.codebook is net.fc3.codebook
@@ -197,7 +197,7 @@ def test_compact_model_keeps_additive_and_dense_enough_layers_dense():
                       "fc2.weight": lc.AdaptiveQuantization(2) + lc.ConstraintL0Pruning(10)})
     specs = {}
     for t in alg.tasks:
-        specs.update(task_specs(t.param_names, t.shapes, t.compression.theta))
+        specs.update(task_specs(t.param_names, t.shapes, t.compression))
     assert "fc2.weight" not in specs
     assert compact_model(net, specs) == {}
     assert compact_model(net, specs, sparse_density=0.2) == {"fc1": "SparseLinear"}
@@ -219,7 +219,7 @@ def test_compact_model_replaces_a_reused_module_everywhere():
     with alg.compressed():
         ref = net(x)
         t = alg.tasks[0]
-        compact_model(net, task_specs(t.param_names, t.shapes, t.compression.theta))
+        compact_model(net, task_specs(t.param_names, t.shapes, t.compression))
     assert isinstance(net.a, CodebookLinear) and net.b is net.a
     assert _close(net(x), ref)
 

@@ -108,6 +108,25 @@ class _Penalty(torch.autograd.Function):
         return (None, None, *(gi if gi.dtype == p.dtype else gi.to(p.dtype) for gi, p in zip(g, params)))
 
 
+def _check_storable(tasks: list[Task], encode: bool = False) -> None:
+    """Every task's compression (each part of a sum) declares a registered codec; with ``encode``, its Θ also
+    encodes (a dry run of the file writer: dtypes the format stores, a codebook of the declared form).
+
+    Raises:
+        TypeError, ValueError: naming the task.
+    """
+    from .codecs import codec_for
+
+    for t in tasks:
+        try:
+            for part in [t.compression, *getattr(t.compression, "parts", [])]:
+                codec_for(part)
+            if encode:
+                t.compression.count_bits()
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"task {t.name!r}: cannot be stored in a .lcz file: {e}") from None
+
+
 def _distributed() -> bool:
     import torch.distributed as dist
 
@@ -205,7 +224,8 @@ class LC:
             that the run ended infeasible (see :meth:`check_feasible`).
 
     Raises:
-        TypeError, ValueError: bad keys or compressions, with the task named (see :func:`resolve_tasks`).
+        TypeError, ValueError: bad keys or compressions, with the task named (see :func:`resolve_tasks`); a
+            compression whose Θ cannot be stored in a ``.lcz`` file (no registered codec, or a Θ its codec refuses).
 
     Example::
 
@@ -240,6 +260,7 @@ class LC:
         self.wrapped_model = model
         self.model = unwrap_model(model)
         self.tasks: list[Task] = resolve_tasks(self.model, tasks)
+        _check_storable(self.tasks)
         self.multipliers = multipliers
         self._params: list[nn.Parameter] = [p for t in self.tasks for p in t.params]
         self._names: list[str] = [n for t in self.tasks for n in t.param_names]
@@ -256,6 +277,7 @@ class LC:
         if direct_mu is not None:
             direct_mu = _check_mu(direct_mu, "LC(direct_mu=...)")
         self._c_step(direct_mu or 0.0, update_multipliers=False)
+        _check_storable(self.tasks, encode=True)
         self.mu, self.step = None, 0
         if flush_denormal and torch.set_flush_denormal(True):
             logger.debug("subnormal floats are flushed to zero in this process (LC(flush_denormal=False) to keep them)")

@@ -20,12 +20,14 @@ See ``examples/*.toml`` for complete files. A minimal one::
     mu = "auto"                            # or mu0 = 9e-5 with factor = 1.4, or a list of values
     steps = 30
 
-Code named by a config (``model.name`` or ``data.dataset`` that is not built in) runs only with the user's consent,
-since a config can name any callable (``"os:system"``). Consent is either
+Code named by a config (``model.name``, ``data.dataset`` or a task's ``compression.type`` that is not built in or
+already registered) runs only with the user's consent, since a config can name any callable (``"os:system"``).
+Consent is either
 
-* an installed entry point: a package the user installed declares the function in the group ``lcompress.models``
-  or ``lcompress.datasets`` (``[project.entry-points."lcompress.models"] mynet = "mypkg.nets:build"``); the config
-  then names it by its entry-point name (``"mynet"``) or by its value (``"mypkg.nets:build"``); or
+* an installed entry point: a package the user installed declares the function (or compression class) in the group
+  ``lcompress.models``, ``lcompress.datasets`` or ``lcompress.compressions``
+  (``[project.entry-points."lcompress.models"] mynet = "mypkg.nets:build"``); the config then names it by its
+  entry-point name (``"mynet"``) or by its value (``"mypkg.nets:build"``); or
 * ``trust_code=True`` (``--trust-code`` on the command line) for this call, in the spirit of Hugging Face's
   ``trust_remote_code``. It is never taken from a file: a run directory's ``config.json`` that names such code needs
   the flag again to be resumed or exported.
@@ -53,11 +55,13 @@ from .compressions import REGISTRY, AdditiveCombination, Compression, from_confi
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ConfigError", "RunConfig", "load_config", "parse_config", "build_compression", "resolve_entry_point",
-           "ENTRY_POINT_GROUPS", "MAX_STEPS"]
+__all__ = ["ConfigError", "RunConfig", "load_config", "parse_config", "build_compression", "compression_type",
+           "resolve_entry_point", "ENTRY_POINT_GROUPS", "COMPRESSION_GROUP", "MAX_STEPS"]
 
 #: entry-point group of each config field that can name code
 ENTRY_POINT_GROUPS = {"model.name": "lcompress.models", "data.dataset": "lcompress.datasets"}
+#: entry-point group of compression classes a task's ``compression.type`` may name
+COMPRESSION_GROUP = "lcompress.compressions"
 #: the most LC steps a schedule may have (the papers use tens; a typo such as 1e9 would allocate the whole list)
 MAX_STEPS = 100_000
 _FLOAT32_MAX = 3.4028234663852886e38
@@ -161,7 +165,7 @@ class RunConfig:
         out: dict[Any, Compression] = {}
         for i, t in enumerate(self.tasks):
             key = t.params if isinstance(t.params, str) else tuple(t.params)
-            out[key] = build_compression(t.compression, f"tasks.{i}.compression")
+            out[key] = build_compression(t.compression, f"tasks.{i}.compression", self.trust_code, self.source)
         return out
 
 
@@ -226,26 +230,62 @@ def _section(cls, raw: Any, path: str):
     return obj
 
 
-def build_compression(spec: Any, path: str = "compression") -> Compression:
+def build_compression(spec: Any, path: str = "compression", trust_code: bool = False,
+                      source: str | None = None) -> Compression:
     """A compression from its config: ``{type = "...", **args}`` or a list of those (an additive combination).
 
+    ``type`` is a registered compression's name (the built-ins, and every class already imported), an installed
+    entry point of the group ``lcompress.compressions`` (by its name or its value), or, with ``trust_code``,
+    ``"package.module:Class"``, imported for it (see the module docstring: nothing is imported without consent).
+
     Raises:
-        ConfigError: unknown type or bad arguments, naming ``path``.
+        ConfigError: unknown type, no consent to import it, not a compression class, or bad arguments, naming
+            ``path``.
     """
     if isinstance(spec, list):
         if len(spec) < 2:
             raise ConfigError(f"{path}: an additive combination needs at least 2 parts, got {len(spec)}")
-        parts = [build_compression(p, f"{path}[{i}]") for i, p in enumerate(spec)]
+        parts = [build_compression(p, f"{path}[{i}]", trust_code, source) for i, p in enumerate(spec)]
         return AdditiveCombination(*parts)
     if not isinstance(spec, dict) or "type" not in spec:
         raise ConfigError(f"{path}={_short(spec)}: expected a table with a 'type' key")
-    name = spec["type"]
-    if name not in REGISTRY and name != "AdditiveCombination":
-        raise ConfigError(f"{path}.type={name!r}: unknown compression (known: {', '.join(sorted(REGISTRY))})")
+    spec = copy.deepcopy(spec)
+    spec["type"] = compression_type(spec["type"], f"{path}.type", trust_code, source)
+    if spec["type"] == "AdditiveCombination" and isinstance(spec.get("parts"), list):
+        parts = [build_compression(p, f"{path}.parts[{i}]", trust_code, source) for i, p in enumerate(spec["parts"])]
+        rest = {k: v for k, v in spec.items() if k not in ("type", "parts")}
+        try:
+            return AdditiveCombination(*parts, **rest)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"{path}: {e}") from None
     try:
-        return from_config(copy.deepcopy(spec))
+        return from_config(spec)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"{path}: {e}") from None
+
+
+def compression_type(name: Any, what: str, trust_code: bool = False, source: str | None = None) -> str:
+    """The registered name of the compression class a config's ``type`` names, importing it only with consent
+    (an installed entry point of group ``lcompress.compressions``, or ``trust_code`` for ``"package.module:Class"``).
+
+    Raises:
+        ConfigError: naming ``what``.
+    """
+    if not isinstance(name, str):
+        raise ConfigError(f"{what}={_short(name)}: expected a string")
+    if name in REGISTRY:
+        return name
+    group = COMPRESSION_GROUP
+    if ":" not in name and not any(e.name == name for e in _installed_entry_points(group)):
+        raise ConfigError(f"{what}={name!r}: unknown compression (known: {', '.join(sorted(REGISTRY))}; or an "
+                          f"installed entry point of group {group!r}, or 'package.module:Class' with --trust-code)")
+    cls = resolve_entry_point(name, what, trust_code, source, group=group)
+    if not (isinstance(cls, type) and issubclass(cls, Compression)):
+        raise ConfigError(f"{what}={name!r}: {_short(cls)} is not an lcompress Compression class")
+    if REGISTRY.get(cls.__name__) is not cls:
+        raise ConfigError(f"{what}={name!r}: {cls.__qualname__} is not registered (defined with register=False, or "
+                          f"another class took the name {cls.__name__!r})")
+    return cls.__name__
 
 
 def _installed_entry_points(group: str) -> list[Any]:
@@ -262,7 +302,8 @@ def _same_target(a: str, b: str) -> bool:
     return "".join(a.split()) == "".join(b.split())
 
 
-def resolve_entry_point(spec: str, what: str, trust_code: bool = False, source: str | None = None):
+def resolve_entry_point(spec: str, what: str, trust_code: bool = False, source: str | None = None,
+                        group: str | None = None):
     """The callable a config names: an installed entry point or, with ``trust_code``, ``"package.module:function"``.
 
     Args:
@@ -271,13 +312,14 @@ def resolve_entry_point(spec: str, what: str, trust_code: bool = False, source: 
         what: the config field (``"model.name"`` or ``"data.dataset"``); errors name it.
         trust_code: import ``"package.module:function"`` even when no installed entry point declares it.
         source: the file the config came from, for the error message.
+        group: the entry-point group (default: the one of ``what``).
 
     Nothing is imported unless an installed entry point declares the target or ``trust_code`` is given.
 
     Raises:
         ConfigError: no consent (the message says how to give it), not importable, or not callable.
     """
-    group = ENTRY_POINT_GROUPS.get(what)
+    group = group or ENTRY_POINT_GROUPS.get(what)
     installed = _installed_entry_points(group) if group else []
     ep = next((e for e in installed if e.name == spec), None) or next(
         (e for e in installed if ":" in spec and _same_target(e.value, spec)), None)
@@ -412,7 +454,7 @@ def parse_config(raw: dict[str, Any], source: str | None = None, trust_code: boo
         p = t["params"]
         if not (isinstance(p, str) or (isinstance(p, list) and p and all(isinstance(x, str) for x in p))):
             raise ConfigError(f"{path}.params={_short(p)}: expected a name, a 're:' pattern or a list of names")
-        build_compression(t["compression"], f"{path}.compression")
+        build_compression(t["compression"], f"{path}.compression", trust_code, source)
         cfg.tasks.append(TaskConfig(params=p, compression=t["compression"]))
     # schedule
     s = cfg.schedule

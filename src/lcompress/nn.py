@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import _packed
-from .compressions.lowrank import CONV_SCHEMES
+from .views import CONV_SCHEMES
 from .sizes import index_bits
 
 __all__ = [
@@ -121,7 +121,7 @@ def _pair(v) -> tuple[int, int]:
 
 
 class LowRankConv2d(nn.Module):
-    """A Conv2d whose weight's matrix view is A B (see :func:`lcompress.compressions.lowrank.to_matrix`).
+    """A Conv2d whose weight's matrix view is A B (see :func:`lcompress.views.to_matrix`).
 
     * ``scheme_1``: W (o, i, kh, kw) viewed as (o, i·kh·kw). B reshaped to (r, i, kh, kw) is a kh×kw conv with r
       output channels that takes the layer's stride, padding and dilation; A reshaped to (o, r, 1, 1) is a 1×1 conv
@@ -321,9 +321,10 @@ class SparseLinear(nn.Module):
 
 
 #: Weights decoded at a time by :class:`CodebookLinear` (a tile of rows; 4 MiB of float32). Measured with
-#: ``bench/bench_compact_memory.py``: on a 4096×4096 layer at K = 2–16, decoding tiles of 2¹⁶–2²⁰ weights and
-#: multiplying each while it is in cache was 2–6× faster at batch 1 than decoding the whole weight per call, and
-#: 2²⁰ was the fastest tile at both batch 1 and 64 (``bench/RESULTS.md``).
+#: ``bench/bench_compact_memory.py``: on a 4096×4096 layer at K = 2, 4 and 16, decoding tiles of 2²⁰ weights and
+#: multiplying each while it is in cache was 2.5–6× faster at batch 1 and about 2× faster at batch 64 than
+#: decoding the whole weight per call, and faster than tiles of 2¹⁶ or 2¹⁸ weights in every case
+#: (``bench/RESULTS.md``).
 CODEBOOK_TILE_WEIGHTS = 1 << 20
 
 
@@ -601,59 +602,32 @@ class CodebookEmbedding(_PackedCodes):
 def task_specs(
     param_names: Sequence[str],
     shapes: Sequence[Sequence[int]],
-    theta: Mapping[str, Any],
+    compression: Any,
     conv_scheme: str = "scheme_1",
 ) -> dict[str, dict[str, Any]]:
     """Split one task's Θ into per-parameter compact forms for :func:`compact_model`.
 
-    The kind of Θ is read from its keys (the layouts of :mod:`lcompress.compressions`):
-
-    * ``{"codebook", "codes"}`` → ``{"kind": "codebook", "codebook", "codes"}`` per parameter; a joint task's
-      parameters all get the same codebook tensor (one codebook in memory);
-    * ``{"indices", "values", "n"}`` → ``{"kind": "sparse", "indices", "values"}`` per parameter, each with the
-      indices into its own flattened weight (a joint pruning task becomes per-layer sparse weights);
-    * ``{"A", "B"}`` (one parameter) → ``{"kind": "lowrank", "A", "B", "conv_scheme"}``;
-    * ``{"dense"}`` (a rank selection that kept the matrix dense) → no entry: the layer stays a plain
-      ``nn.Linear`` / ``nn.Conv2d`` holding Δ(Θ) = the matrix;
-    * anything else (e.g. an additive combination) → no entry: the layer stays dense with Δ(Θ) as its weight.
+    The compression's codec (:mod:`lcompress.codecs`) says what its Θ becomes: a codebook layer per parameter
+    (a joint task's layers share one codebook tensor), a sparse layer per parameter (a joint support split by
+    parameter), a low-rank pair for one matrix or conv weight; nothing for a sum or a rank selection's dense
+    choice, whose layers stay dense with Δ(Θ) as their weight.
 
     Args:
         param_names: the task's parameters in task order.
         shapes: their shapes.
-        theta: the task's Θ (``compression.theta`` or a decoded file Θ).
+        compression: the task's compression, after a C step (its ``theta`` is split).
         conv_scheme: the matrix view of a low-rank task.
 
     Returns:
         ``{parameter name: spec}``.
 
     Raises:
+        TypeError: ``compression`` is not a compression with a codec.
         ValueError: Θ does not cover the parameters' sizes.
     """
-    names = list(param_names)
-    numels = [math.prod(s) for s in shapes]
-    total = sum(numels)
-    keys = set(theta)
-    out: dict[str, dict[str, Any]] = {}
-    if {"indices", "values", "n"} <= keys:  # (first: a sparse Θ with codebook values also has "codebook")
-        if int(theta["n"]) != total:
-            raise ValueError(f"Θ is a sparse vector of length {theta['n']}; parameters {names} have {total} weights")
-        idx, vals = theta["indices"].reshape(-1), theta["values"].reshape(-1)
-        bounds = torch.tensor([0] + numels, dtype=torch.int64, device=idx.device).cumsum(0)
-        cuts = torch.searchsorted(idx, bounds).tolist()
-        for j, n in enumerate(names):
-            lo, hi = cuts[j], cuts[j + 1]
-            out[n] = {"kind": "sparse", "indices": idx[lo:hi] - int(bounds[j]), "values": vals[lo:hi]}
-    elif {"codebook", "codes"} <= keys:
-        codes = theta["codes"].reshape(-1)
-        if codes.numel() != total:
-            raise ValueError(f"Θ has {codes.numel()} codes for parameters {names} with {total} weights")
-        o = 0
-        for n, s, k in zip(names, shapes, numels):
-            out[n] = {"kind": "codebook", "codebook": theta["codebook"], "codes": codes[o : o + k].reshape(tuple(s))}
-            o += k
-    elif {"A", "B"} <= keys and len(names) == 1:
-        out[names[0]] = {"kind": "lowrank", "A": theta["A"], "B": theta["B"], "conv_scheme": conv_scheme}
-    return out
+    from .codecs import codec_for
+
+    return codec_for(compression).compact_specs(compression.theta, None, list(param_names), shapes, conv_scheme)
 
 
 def _module_slots(model: nn.Module) -> dict[str, list[tuple[nn.Module, str]]]:
@@ -681,9 +655,11 @@ def compact_model(
     """Replace layers whose weight has a compact form by compact modules, in place.
 
     ``specs`` maps a weight's parameter name (``"fc1.weight"``) to a spec from :func:`task_specs`. For each one
-    whose owner is an ``nn.Linear`` or ``nn.Conv2d``:
+    whose owner is an ``nn.Linear``, ``nn.Conv2d`` or ``nn.Embedding``:
 
     * codebook → :class:`CodebookLinear` / :class:`CodebookConv2d`;
+    * row codebooks (``{"kind": "rowcodebook", "codebook": (rows, K), "codes"}``) of an ``nn.Embedding`` →
+      :class:`CodebookEmbedding`;
     * low-rank → :class:`LowRankLinear` / :class:`LowRankConv2d` (when the factors are smaller than the weight
       and, for a conv, ``groups == 1``);
     * sparse → :class:`SparseLinear` when the density is below ``sparse_density``.
@@ -719,7 +695,7 @@ def _plan_compact(
     for pname, spec in specs.items():
         mname, _, attr = pname.rpartition(".")
         mod = modules.get(mname)
-        if attr != "weight" or mod is None or type(mod) not in (nn.Linear, nn.Conv2d) or mname in done:
+        if attr != "weight" or mod is None or type(mod) not in (nn.Linear, nn.Conv2d, nn.Embedding) or mname in done:
             continue
         new = _compact_layer(mod, spec, sparse_density, pname)
         if new is None:
@@ -735,7 +711,7 @@ def _apply_compact(model: nn.Module, plan: Sequence[tuple[str, nn.Module, nn.Mod
     slots = _module_slots(model)
     done: dict[str, str] = {}
     for mname, old, new in plan:
-        if old.bias is not None:
+        if getattr(old, "bias", None) is not None:
             bias = new.second.bias if isinstance(new, (LowRankLinear, LowRankConv2d)) else new.bias
             with torch.no_grad():
                 bias.copy_(old.bias)
@@ -749,6 +725,13 @@ def _apply_compact(model: nn.Module, plan: Sequence[tuple[str, nn.Module, nn.Mod
 
 def _compact_layer(mod: nn.Module, spec: Mapping[str, Any], sparse_density: float, pname: str) -> nn.Module | None:
     kind = spec.get("kind")
+    if isinstance(mod, nn.Embedding):
+        if kind != "rowcodebook":
+            return None
+        if mod.max_norm is not None:  # a lookup that renormalizes the table in place needs the dense table
+            logger.info("compact_model: %s has max_norm=%s; kept dense", pname, mod.max_norm)
+            return None
+        return CodebookEmbedding.from_codes(mod, spec["codebook"], spec["codes"])
     linear = isinstance(mod, nn.Linear)
     if kind == "codebook":
         return (CodebookLinear if linear else CodebookConv2d).from_codes(mod, spec["codebook"], spec["codes"])

@@ -1,4 +1,4 @@
-"""Tasks: which parameters each compression acts on, and the vector/matrix view it sees.
+"""Tasks: which parameters each compression acts on, and the vector/matrix view it sees (:mod:`lcompress.views`).
 
 A task map's keys are resolved against ``model.named_parameters()`` of the unwrapped model:
 
@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from .compressions.base import Compression
-from .compressions.lowrank import from_matrix, matrix_shape, to_matrix
+from .views import from_matrix, matrix_shape, to_matrix
 
 __all__ = ["Task", "resolve_tasks", "unwrap_model", "strip_prefix"]
 

@@ -6,7 +6,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .base import Compression, check_float, check_int
+from ..codecs import SumCodec
+from .base import Compression, check_float, check_int, from_config
 
 __all__ = ["AdditiveCombination"]
 
@@ -40,6 +41,29 @@ class AdditiveCombination(Compression):
         tol: stop early when a round improves the distortion by less than this fraction.
     """
 
+    codec = SumCodec()
+
+    @classmethod
+    def examples(cls) -> list["AdditiveCombination"]:
+        from .lowrank import LowRank
+        from .pruning import ConstraintL0Pruning
+        from .quantization import AdaptiveQuantization, BinaryQuantization
+
+        return [AdaptiveQuantization(k=2) + ConstraintL0Pruning(kappa=10),
+                BinaryQuantization() + ConstraintL0Pruning(kappa=10, value_codebook=2),
+                LowRank(rank=2) + ConstraintL0Pruning(kappa=10)]
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> "AdditiveCombination":
+        cfg = dict(config)
+        parts = cfg.pop("parts", None)
+        if not isinstance(parts, list):
+            raise ValueError(f"an AdditiveCombination config needs a list of 'parts', got {parts!r}")
+        try:
+            return cls(*[from_config(p) for p in parts], **cfg)
+        except TypeError as e:
+            raise ValueError(f"bad arguments for AdditiveCombination: {e}") from None
+
     def __init__(self, *parts: Compression, rounds: int = 10, tol: float = 1e-6) -> None:
         super().__init__()
         flat: list[Compression] = []
@@ -59,6 +83,9 @@ class AdditiveCombination(Compression):
         self.conv_scheme = schemes.pop() if schemes else "scheme_1"
         self.contains_zero = all(p.contains_zero for p in flat)
         self.penalty_form = any(p.penalty_form for p in flat)
+        # alternation with a low-rank part reaches a local optimum: compressing Δ(Θ) again comes back only nearly
+        idem = [p.idempotence for p in flat]
+        self.idempotence = None if None in idem else "approximate" if self.matrix or "approximate" in idem else "exact"
         #: rounds of alternation in the last C step (for a quantization + ℓ0 pruning sum: rounds after the
         #: trimmed k-means)
         self.last_rounds = 0
@@ -191,14 +218,6 @@ class AdditiveCombination(Compression):
             d = p.decompress().reshape(shape)
             out = d if out is None else out + d
         return out
-
-    def count_params(self) -> int:
-        self._require()
-        return sum(p.count_params() for p in self.parts)
-
-    def count_bits(self) -> int:
-        self._require()
-        return sum(p.count_bits() for p in self.parts)
 
     def state_dict(self) -> dict[str, Any]:
         return {

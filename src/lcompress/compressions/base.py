@@ -3,14 +3,19 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
 from .._threads import c_step_threads
+from ..codecs import Codec, codec_for
 
-__all__ = ["Compression", "NotCompressedError"]
+__all__ = ["Compression", "NotCompressedError", "REGISTRY", "from_config"]
+
+#: class name → compression class: every subclass of :class:`Compression` registers itself when it is defined
+#: (``class _Base(Compression, register=False)`` for an abstract base). Configs and files name compressions by it.
+REGISTRY: dict[str, type["Compression"]] = {}
 
 
 class NotCompressedError(RuntimeError):
@@ -25,7 +30,17 @@ class Compression:
     * ``_compress(w, mu) -> Tensor``: solve Θ = argmin_Θ ‖w − Δ(Θ)‖² (+ a penalty term for penalty forms),
       store Θ in ``self._theta`` and return Δ(Θ) with the shape of ``w``;
     * ``_decompress() -> Tensor``: Δ(Θ) from ``self._theta``;
-    * ``count_params()`` and ``count_bits()`` from Θ.
+
+    and declares, as class attributes:
+
+    * ``codec``: the :class:`lcompress.codecs.Codec` that stores its Θ in a ``.lcz`` file (e.g.
+      ``CodebookCodec("all")``); ``count_bits()`` and ``count_params()`` come from it, so the size report is
+      what the file stores;
+    * ``examples()``: a classmethod returning example instances, over which the shared contract suite
+      (``tests/test_compressions.py``) runs every registered compression.
+
+    Defining a subclass registers it in :data:`REGISTRY` under its class name, which is how configs
+    (``{type = "Name", ...}``) and ``.lcz`` files name it; :meth:`from_config` rebuilds it from :meth:`config`.
 
     ``w`` is a float tensor: flat (or any shape) for vector-type compressions, which act elementwise or on the
     flattened vector; a matrix for ``matrix = True`` compressions (low-rank). ``compress`` validates the input,
@@ -41,6 +56,46 @@ class Compression:
     #: True for penalty forms (min α·C(Θ) + μ/2‖w − Δ(Θ)‖²), whose C step depends on μ; at μ → 0⁺ they
     #: compress everything away, so their direct compression is taken at a given μ instead
     penalty_form: bool = False
+    #: what compressing Δ(Θ) again gives: "exact" (a projection: Δ(Θ) itself), "approximate" (a local method such
+    #: as alternation: nearly Δ(Θ)), or None (a proximal step such as soft thresholding moves it again)
+    idempotence: str | None = "exact"
+    #: True when :meth:`config` holds every hyperparameter, so that :meth:`from_config` rebuilds the compression
+    config_complete: bool = True
+    #: the codec that stores Θ (see :mod:`lcompress.codecs`); None: Θ cannot be stored
+    codec: ClassVar[Codec | None] = None
+
+    def __init_subclass__(cls, register: bool = True, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if not register:
+            return
+        name = cls.__name__
+        old = REGISTRY.get(name)
+        # the same class defined again (a module reloaded, a class made in a function) replaces the old one
+        if old is not None and (old.__module__, old.__qualname__) != (cls.__module__, cls.__qualname__):
+            raise TypeError(f"a compression named {name!r} is already registered ({old.__module__}.{old.__qualname__}); "
+                            f"give {cls.__module__}.{cls.__qualname__} another name")
+        REGISTRY[name] = cls
+
+    @classmethod
+    def examples(cls) -> list["Compression"]:
+        """Fresh example instances for the contract suite, each to be run on 300 weights (a vector compression)
+        or a 20×15 matrix (``matrix = True``)."""
+        return []
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> "Compression":
+        """The compression from its :meth:`config` arguments (without ``"type"``).
+
+        Raises:
+            ValueError: bad arguments, or a class whose config does not hold every hyperparameter.
+        """
+        if not cls.config_complete:
+            raise ValueError(f"{cls.__name__} cannot be built from a config: its config does not hold every "
+                             "hyperparameter (construct it in Python)")
+        try:
+            return cls(**config)
+        except TypeError as e:
+            raise ValueError(f"bad arguments for {cls.__name__}: {e}") from None
 
     def __init__(self) -> None:
         self._theta: dict[str, Any] | None = None
@@ -101,12 +156,19 @@ class Compression:
         return self._theta is not None
 
     def count_params(self) -> int:
-        """Number of stored values in Θ (codebook entries, nonzeros, factor entries)."""
-        raise NotImplementedError
+        """Number of stored values in Θ (codebook entries, nonzeros, factor entries), as its codec stores them."""
+        self._require()
+        return codec_for(self).stored_values(self)
 
     def count_bits(self) -> int:
-        """Bits a compressed file needs for Θ (see :mod:`lcompress.sizes`)."""
-        raise NotImplementedError
+        """Bits a ``.lcz`` file stores for Θ: its codec's encoding, counted (see :mod:`lcompress.codecs`).
+
+        Raises:
+            NotCompressedError: before the first C step.
+            TypeError: the compression declares no codec.
+        """
+        self._require()
+        return codec_for(self).bits(self)
 
     # ---- state ----------------------------------------------------------------------------------------------
     def config(self) -> dict[str, Any]:
@@ -169,6 +231,24 @@ class Compression:
 
     def _compress(self, w: Tensor, mu: float) -> Tensor:
         raise NotImplementedError
+
+
+def from_config(config: dict) -> Compression:
+    """Rebuild a registered compression from :meth:`Compression.config` output.
+
+    Nothing is imported: the type must be registered already (a built-in, or a class whose module was imported).
+
+    Raises:
+        ValueError: not a config, an unknown type, or bad arguments.
+    """
+    if not isinstance(config, dict) or "type" not in config:
+        raise ValueError(f"a compression config must be a dict with a 'type' key, got {config!r}")
+    cfg = dict(config)
+    name = cfg.pop("type")
+    cls = REGISTRY.get(name) if isinstance(name, str) else None
+    if cls is None:
+        raise ValueError(f"unknown compression {name!r}; known: {', '.join(sorted(REGISTRY))}")
+    return cls.from_config(cfg)
 
 
 def check_int(name: str, value: Any, low: int | None = None, high: int | None = None) -> int:

@@ -8,65 +8,21 @@ import torch
 from torch import Tensor
 
 from .. import functional as F
-from ..sizes import dtype_bits
+from ..codecs import FactorsCodec
+from ..views import CONV_SCHEMES, from_matrix, matrix_shape, to_matrix
+from ..views import check_scheme as _check_scheme
 from .base import Compression, check_float, check_int
 
-__all__ = ["LowRank", "RankSelection", "CONV_SCHEMES", "to_matrix", "from_matrix"]
-
-CONV_SCHEMES = ("scheme_1", "scheme_2")
-
-
-def _check_scheme(conv_scheme: str) -> str:
-    if conv_scheme not in CONV_SCHEMES:
-        raise ValueError(f"conv_scheme={conv_scheme!r} must be one of {CONV_SCHEMES}")
-    return conv_scheme
+# the matrix views live in lcompress.views; they are re-exported here for old imports
+__all__ = ["LowRank", "RankSelection", "CONV_SCHEMES", "to_matrix", "from_matrix", "matrix_shape"]
 
 
-def matrix_shape(shape: tuple[int, ...], conv_scheme: str = "scheme_1") -> tuple[int, int]:
-    """Shape of the matrix view of a weight of ``shape`` (see :func:`to_matrix`)."""
-    if len(shape) == 2:
-        return shape[0], shape[1]
-    if len(shape) >= 3:
-        out, inp, *k = shape
-        kk = 1
-        for s in k:
-            kk *= s
-        if conv_scheme == "scheme_1" or len(k) != 2:
-            return out, inp * kk
-        return out * k[0], inp * k[1]
-    raise ValueError(f"a low-rank compression needs a matrix or conv weight, got shape {tuple(shape)}")
-
-
-def to_matrix(w: Tensor, conv_scheme: str = "scheme_1") -> Tensor:
-    """Matrix view of a weight.
-
-    Linear (out, in) stays as is. A conv weight (out, in, kh, kw) becomes (out, in·kh·kw) under scheme 1 (a k×k
-    conv with r output channels followed by a 1×1 conv) or (out·kh, in·kw) under scheme 2 (a 1×kw conv with r
-    output channels followed by a kh×1 conv).
-    """
-    if w.dim() == 2:
-        return w
-    if w.dim() == 4 and conv_scheme == "scheme_2":
-        o, i, kh, kw = w.shape
-        return w.permute(0, 2, 1, 3).reshape(o * kh, i * kw)
-    if w.dim() >= 3:
-        return w.reshape(w.shape[0], -1)
-    raise ValueError(f"a low-rank compression needs a matrix or conv weight, got shape {tuple(w.shape)}")
-
-
-def from_matrix(m: Tensor, shape: tuple[int, ...], conv_scheme: str = "scheme_1") -> Tensor:
-    """Inverse of :func:`to_matrix`."""
-    if len(shape) == 4 and conv_scheme == "scheme_2":
-        o, i, kh, kw = shape
-        return m.reshape(o, kh, i, kw).permute(0, 2, 1, 3).reshape(shape)
-    return m.reshape(shape)
-
-
-class _Factors(Compression):
+class _Factors(Compression, register=False):
     """Θ = {A (m×r), B (r×n)} with Δ = A @ B, or (rank selection only) Θ = {dense (m×n)} with Δ = dense: the
     matrix kept as it is, at the weights' dtype. Works on the matrix view chosen by ``conv_scheme``."""
 
     matrix = True
+    codec = FactorsCodec()
 
     def __init__(self, conv_scheme: str = "scheme_1") -> None:
         super().__init__()
@@ -109,12 +65,6 @@ class _Factors(Compression):
             return min(th["dense"].shape)
         return int(th["A"].shape[1])
 
-    def count_params(self) -> int:
-        return sum(t.numel() for t in self.theta.values())
-
-    def count_bits(self) -> int:
-        return sum(t.numel() * dtype_bits(t.dtype) for t in self.theta.values())
-
 
 class LowRank(_Factors):
     """Fixed rank: min ‖W − A B‖²_F with A m×r, B r×n, solved exactly by the truncated SVD (Eckart–Young).
@@ -124,6 +74,10 @@ class LowRank(_Factors):
         conv_scheme: how a conv weight becomes a matrix, "scheme_1" (out, in·kh·kw) or "scheme_2" (out·kh, in·kw);
             see :func:`to_matrix`.
     """
+
+    @classmethod
+    def examples(cls) -> list["LowRank"]:
+        return [cls(rank=3)]
 
     def __init__(self, rank: int, conv_scheme: str = "scheme_1") -> None:
         super().__init__(conv_scheme)
@@ -167,6 +121,10 @@ class RankSelection(_Factors):
         max_rank: upper bound R on the rank of the factors (capped at min(m, n)). It bounds the factorization
             only: keeping the matrix dense stays a choice (use :class:`LowRank` to force a factorization).
     """
+
+    @classmethod
+    def examples(cls) -> list["RankSelection"]:
+        return [cls(alpha=1e-4)]
 
     penalty_form = True
     #: dtype a dense choice is stored at: the parameter's, set by :class:`lcompress.LC` when it resolves the task

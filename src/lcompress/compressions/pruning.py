@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from .. import functional as F
-from ..sizes import FLOAT_BITS, dtype_bits, index_bits, support_bits
+from ..codecs import SparseCodec
 from .base import Compression, check_float, check_int
 
 __all__ = ["ConstraintL0Pruning", "ConstraintL1Pruning", "PenaltyL0Pruning", "PenaltyL1Pruning"]
@@ -33,7 +33,7 @@ def _value_dtype(value) -> torch.dtype:
     raise ValueError(f"value_dtype={value!r} must be one of 'float32', 'float16', 'bfloat16'")
 
 
-class _Sparse(Compression):
+class _Sparse(Compression, register=False):
     """Θ = {indices (nnz,) int64 sorted, values (nnz,) at ``value_dtype``, n}.
 
     ``value_dtype`` stores surviving values at lower precision (float16/bfloat16); the C step then rounds the
@@ -43,6 +43,8 @@ class _Sparse(Compression):
     adds ``codebook`` (K,) and ``codes`` (nnz,) with ``values = codebook[codes]``; the file stores ⌈log₂ K⌉ bits
     per survivor plus the codebook instead of the values.
     """
+
+    codec = SparseCodec()
 
     def __init__(self, value_dtype="float32", value_codebook: int | None = None) -> None:
         super().__init__()
@@ -104,18 +106,6 @@ class _Sparse(Compression):
     def nnz(self) -> int:
         return int(self.theta["indices"].numel())
 
-    def count_params(self) -> int:
-        if self.value_codebook is not None:
-            return self.nnz + self.value_codebook
-        return self.nnz
-
-    def count_bits(self) -> int:
-        th = self.theta
-        _, ibits, _ = support_bits(th["indices"], th["n"])
-        if self.value_codebook is not None:
-            return self.nnz * index_bits(self.value_codebook) + FLOAT_BITS * self.value_codebook + ibits
-        return self.nnz * dtype_bits(self.value_dtype) + ibits
-
 
 class ConstraintL0Pruning(_Sparse):
     """Keep the κ weights of largest magnitude: min ‖w − θ‖² s.t. ‖θ‖₀ ≤ κ.
@@ -134,6 +124,11 @@ class ConstraintL0Pruning(_Sparse):
     >>> ConstraintL0Pruning(kappa=2).compress(torch.tensor([0.1, -3.0, 0.5, 2.0])).tolist()
     [0.0, -3.0, 0.0, 2.0]
     """
+
+    @classmethod
+    def examples(cls) -> list["ConstraintL0Pruning"]:
+        return [cls(kappa=30), cls(kappa=30, value_dtype="float16"), cls(kappa=30, value_codebook=4),
+                cls(fraction=0.1)]
 
     def __init__(self, kappa: int | None = None, value_dtype="float32", *, fraction: float | None = None,
                  value_codebook: int | None = None) -> None:
@@ -181,6 +176,10 @@ class ConstraintL1Pruning(_Sparse):
         value_dtype: precision of the surviving values.
     """
 
+    @classmethod
+    def examples(cls) -> list["ConstraintL1Pruning"]:
+        return [cls(kappa=3.0)]
+
     def __init__(self, kappa: float, value_dtype="float32") -> None:
         super().__init__(value_dtype)
         self.kappa = check_float("kappa", kappa, low=0.0)
@@ -192,7 +191,7 @@ class ConstraintL1Pruning(_Sparse):
         return self._set_dense(F.project_l1_ball(w, self.kappa))
 
 
-class _PenaltyPruning(_Sparse):
+class _PenaltyPruning(_Sparse, register=False):
     """Penalty form min_θ α·C(θ) + μ/2‖w − θ‖², solved elementwise by a threshold (``_threshold``)."""
 
     penalty_form = True
@@ -221,6 +220,10 @@ class PenaltyL0Pruning(_PenaltyPruning):
             :class:`ConstraintL0Pruning`); a weight is kept when its gain xᵢ² − (xᵢ − c[aᵢ])² exceeds 2α/μ.
     """
 
+    @classmethod
+    def examples(cls) -> list["PenaltyL0Pruning"]:
+        return [cls(alpha=1e-3), cls(alpha=1e-2, value_codebook=2)]
+
     _threshold = staticmethod(F.hard_threshold)
 
     def _compress(self, w: Tensor, mu: float) -> Tensor:
@@ -238,7 +241,12 @@ class PenaltyL1Pruning(_PenaltyPruning):
         value_dtype: precision of the surviving values.
     """
 
+    @classmethod
+    def examples(cls) -> list["PenaltyL1Pruning"]:
+        return [cls(alpha=1e-3)]
+
     _threshold = staticmethod(F.soft_threshold)
+    idempotence = None  # soft thresholding is a proximal step: it shrinks Δ(Θ) again
 
     def __init__(self, alpha: float, value_dtype="float32") -> None:  # no codebook form for ℓ1
         super().__init__(alpha, value_dtype)

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from .. import functional as F
-from ..sizes import FLOAT_BITS, index_bits
+from ..codecs import CodebookCodec
 from .base import Compression, check_int
 
 __all__ = [
@@ -26,14 +26,14 @@ def _codes_dtype(k: int) -> torch.dtype:
     return torch.uint8 if k <= 256 else torch.int64
 
 
-class _Codebook(Compression):
+class _Codebook(Compression, register=False):
     """Shared Θ layout: ``codebook`` (K,) float32 and ``codes`` (n,) integer indices into it.
 
-    ``stored_codebook`` says how many float32 codebook values a file must hold: K for a learned codebook, 1 for a
-    scaled fixed codebook (its scale), 0 for a fixed codebook.
+    The codec says what a file keeps of the codebook: all K float32 values for a learned codebook, the scale of a
+    scaled fixed codebook, nothing for a fixed codebook (see :class:`lcompress.codecs.CodebookCodec`).
     """
 
-    stored_codebook: str = "all"  # "all" | "scale" | "none"
+    codec = CodebookCodec("all")
 
     def _set(self, codebook: Tensor, codes: Tensor) -> Tensor:
         k = codebook.numel()
@@ -57,17 +57,6 @@ class _Codebook(Compression):
     def k(self) -> int:
         return self._k
 
-    def count_params(self) -> int:
-        th = self.theta
-        return th["codes"].numel() + self._codebook_values()
-
-    def _codebook_values(self) -> int:
-        return {"all": self.k, "scale": 1, "none": 0}[self.stored_codebook]
-
-    def count_bits(self) -> int:
-        th = self.theta
-        return th["codes"].numel() * index_bits(self.k) + FLOAT_BITS * self._codebook_values()
-
 
 class AdaptiveQuantization(_Codebook):
     """Adaptive quantization with a learned codebook of K entries (1-D k-means).
@@ -87,6 +76,10 @@ class AdaptiveQuantization(_Codebook):
     >>> torch.equal(q.compress(q.compress(w)), q.compress(w))   # idempotent
     True
     """
+
+    @classmethod
+    def examples(cls) -> list["AdaptiveQuantization"]:
+        return [cls(k=4), cls(k=2, exact=True)]
 
     def __init__(self, k: int, exact: bool = False) -> None:
         super().__init__()
@@ -118,46 +111,55 @@ class AdaptiveQuantization(_Codebook):
         return self._set(c, codes.reshape(w.shape))
 
 
-class _FixedCodebook(_Codebook):
-    """Nearest-neighbour assignment to a fixed sorted codebook (no learned values)."""
+class _FixedCodebook(_Codebook, register=False):
+    """Nearest-neighbour assignment to a fixed sorted codebook (no learned values; a file stores none)."""
 
-    stored_codebook = "none"
+    codec = CodebookCodec("none")
 
-    def _fixed(self, device) -> Tensor:
+    def fixed_codebook(self, device=None) -> Tensor:
+        """The K fixed values, sorted (float32)."""
         raise NotImplementedError
 
     def _compress(self, w: Tensor, mu: float) -> Tensor:
-        c = self._fixed(w.device)
+        c = self.fixed_codebook(w.device)
         return self._set(c, F.nearest_in_codebook(w, c))
 
 
 class BinaryQuantization(_FixedCodebook):
     """Weights in {−1, +1} (1 bit each, no codebook stored). C step: sign(w), with sign(0) = +1."""
 
+    @classmethod
+    def examples(cls) -> list["BinaryQuantization"]:
+        return [cls()]
+
     def __init__(self) -> None:
         super().__init__()
         self._k = 2
 
-    def _fixed(self, device) -> Tensor:
+    def fixed_codebook(self, device=None) -> Tensor:
         return torch.tensor([-1.0, 1.0], device=device)
 
     def _compress(self, w: Tensor, mu: float) -> Tensor:
-        return self._set(self._fixed(w.device), (w >= 0).to(torch.uint8))
+        return self._set(self.fixed_codebook(w.device), (w >= 0).to(torch.uint8))
 
 
 class TernaryQuantization(_FixedCodebook):
     """Weights in {−1, 0, +1} (⌈log₂ 3⌉ = 2 bits each). C step: round to the nearest (ties at ±½ go to 0)."""
 
+    @classmethod
+    def examples(cls) -> list["TernaryQuantization"]:
+        return [cls()]
+
     def __init__(self) -> None:
         super().__init__()
         self._k = 3
 
-    def _fixed(self, device) -> Tensor:
+    def fixed_codebook(self, device=None) -> Tensor:
         return torch.tensor([-1.0, 0.0, 1.0], device=device)
 
     def _compress(self, w: Tensor, mu: float) -> Tensor:
         codes = (F.ternary(w) + 1).to(torch.uint8)
-        return self._set(self._fixed(w.device), codes)
+        return self._set(self.fixed_codebook(w.device), codes)
 
 
 class PowersOfTwoQuantization(_FixedCodebook):
@@ -167,6 +169,10 @@ class PowersOfTwoQuantization(_FixedCodebook):
         c: the smallest nonzero magnitude is 2⁻ᶜ (c ≥ 0).
     """
 
+    @classmethod
+    def examples(cls) -> list["PowersOfTwoQuantization"]:
+        return [cls(c=3)]
+
     def __init__(self, c: int) -> None:
         super().__init__()
         self.c = check_int("c", c, low=0, high=126)
@@ -175,7 +181,7 @@ class PowersOfTwoQuantization(_FixedCodebook):
     def _config(self) -> dict[str, Any]:
         return {"c": self.c}
 
-    def _fixed(self, device) -> Tensor:
+    def fixed_codebook(self, device=None) -> Tensor:
         return F.powers_of_two_codebook(self.c, device=device)
 
 
@@ -185,7 +191,11 @@ class ScaledBinaryQuantization(_Codebook):
     C step (exact): a = mean |w|, codes = sign(w) with sign(0) = +1.
     """
 
-    stored_codebook = "scale"
+    @classmethod
+    def examples(cls) -> list["ScaledBinaryQuantization"]:
+        return [cls()]
+
+    codec = CodebookCodec("scale")
     contains_zero = True
 
     def __init__(self) -> None:
@@ -204,7 +214,11 @@ class ScaledTernaryQuantization(_Codebook):
     :func:`lcompress.functional.scaled_ternary`), a = mean |w| over the support.
     """
 
-    stored_codebook = "scale"
+    @classmethod
+    def examples(cls) -> list["ScaledTernaryQuantization"]:
+        return [cls()]
+
+    codec = CodebookCodec("scale")
 
     def __init__(self) -> None:
         super().__init__()
@@ -225,6 +239,12 @@ class FixedAssignmentQuantization(_Codebook):
             (for a joint task, in the order of the concatenated, flattened parameters).
         k: number of groups (default: max label + 1).
     """
+
+    config_complete = False  # the assignments live in its state, not in its config
+
+    @classmethod
+    def examples(cls) -> list["FixedAssignmentQuantization"]:
+        return [cls(torch.arange(300) % 5)]
 
     def __init__(self, assignments: Tensor, k: int | None = None) -> None:
         super().__init__()
