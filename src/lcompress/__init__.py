@@ -22,6 +22,7 @@ from .compressions import (
     ScaledTernaryQuantization,
     TernaryQuantization,
 )
+from .compressions.rowwise import RowwiseQuantization
 from .export import CorruptFileError, ModelMismatchError
 from .schedules import auto_schedule, geometric, measure_direct_compression
 
@@ -54,6 +55,7 @@ __all__ = [
     "ScaledTernaryQuantization",
     "PowersOfTwoQuantization",
     "FixedAssignmentQuantization",
+    "RowwiseQuantization",
     "ConstraintL0Pruning",
     "ConstraintL1Pruning",
     "PenaltyL0Pruning",

@@ -16,6 +16,7 @@ __all__ = [
     "nearest_in_codebook",
     "kmeans_1d",
     "kmeans_1d_exact",
+    "kmeans_1d_exact_rows",
     "distortion",
     "group_means",
     "scaled_binary",
@@ -40,6 +41,17 @@ def kmeans_1d_exact(x: Tensor, k: int) -> tuple[Tensor, Tensor]:
     from ._kmeans_exact import kmeans_1d_exact as _exact
 
     return _exact(x, k)
+
+
+def kmeans_1d_exact_rows(x: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Globally optimal 1-D k-means of every row of a matrix, each row its own codebook, all rows at once.
+
+    See :mod:`lcompress._kmeans_rows`. Returns (codebooks (rows, k) float32, each row sorted ascending; int64
+    codes of ``x``'s shape).
+    """
+    from ._kmeans_rows import kmeans_1d_exact_rows as _rows
+
+    return _rows(x, k)
 
 
 def distortion(x: Tensor, y: Tensor) -> Tensor:
