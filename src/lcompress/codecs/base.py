@@ -310,7 +310,8 @@ def codec_for(comp: Any) -> Codec:
     if not isinstance(codec, Codec):
         raise TypeError(f"{type(comp).__name__} declares no codec, so its Θ cannot be stored: set its class attribute "
                         "`codec` to an lcompress.codecs.Codec instance")
-    if type(CODECS.get(getattr(codec, "name", None))) is not type(codec):
+    reg = type(CODECS.get(getattr(codec, "name", None)))
+    if (reg.__module__, reg.__qualname__) != (type(codec).__module__, type(codec).__qualname__):  # (or reloaded)
         raise TypeError(f"{type(comp).__name__}'s codec {codec!r} is not a registered codec (give its class a `name`)")
     return codec
 
