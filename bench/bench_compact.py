@@ -35,7 +35,8 @@ from torch import nn
 
 import lcompress as lc
 from lcompress.models import get_model
-from lcompress.nn import SPARSE_CROSSOVER_DENSITY, SparseLinear, remove_dead_neurons
+from lcompress.nn import SPARSE_CROSSOVER_DENSITY, SparseLinear
+from lcompress.surgery import remove_dead_neurons
 
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
 
