@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from .compressions.base import Compression
-from .sizes import dense_bits
+from .sizes import compression_ratio, dense_bits
 from .tasks import Task, resolve_tasks, unwrap_model
 
 __all__ = ["LC", "clip_lr", "clip_lr_adaptive"]
@@ -488,11 +488,18 @@ class LC:
     def size_report(self) -> dict[str, Any]:
         """What a compressed file stores, in bits (see :mod:`lcompress.sizes`).
 
+        Every ratio here is :func:`lcompress.sizes.compression_ratio` (reference bits / compressed bits) over
+        its scope, the same definition as ``export()``'s and the CLI's ``ratio``.
+
         Returns:
             dict with ``reference_bits`` (every parameter and persistent buffer at its dtype),
             ``compressed_bits`` (tasks at their compressed size plus everything else at its dtype),
-            ``ratio`` = reference / compressed (ρ in the papers), ``other_bits`` (the uncompressed rest) and
-            ``tasks``: a row per task with its compression, weights, stored values, bits and ratio.
+            ``ratio`` = reference / compressed of the whole model (ρ in the papers), ``other_bits`` (the
+            uncompressed rest), ``tasks``: a row per task with its compression, weights, stored values, bits and
+            ratio, and ``scopes``: ``{"model", "compressed", "uncompressed"}``, each with ``reference_bits``,
+            ``compressed_bits`` and ``ratio`` — the whole model, the compressed parameters alone (what the
+            compressions achieved), and the rest (ratio 1). A model whose uncompressed part dominates (an embedding
+            table left dense) has a ``model`` ratio far below its ``compressed`` one.
         """
         compressed_ids = {id(p) for p in self._params}
         seen: set[int] = set()
@@ -518,16 +525,21 @@ class LC:
                     "stored_values": t.compression.count_params(),
                     "bits": bits,
                     "reference_bits": tref,
-                    "ratio": tref / bits if bits else math.inf,
+                    "ratio": compression_ratio(tref, bits),
                 }
             )
-        comp = other + sum(r["bits"] for r in rows)
+        task_ref, task_bits = sum(r["reference_bits"] for r in rows), sum(r["bits"] for r in rows)
+        comp = other + task_bits
+        scopes = {name: {"reference_bits": r, "compressed_bits": c, "ratio": compression_ratio(r, c)}
+                  for name, r, c in (("model", ref, comp), ("compressed", task_ref, task_bits),
+                                     ("uncompressed", other, other))}
         return {
             "reference_bits": ref,
             "compressed_bits": comp,
-            "ratio": ref / comp if comp else math.inf,
+            "ratio": scopes["model"]["ratio"],
             "other_bits": other,
             "tasks": rows,
+            "scopes": scopes,
         }
 
     def _size_line(self) -> str:

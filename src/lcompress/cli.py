@@ -456,7 +456,8 @@ def _export_run(args, run: Path) -> int:
     alg.export(out)
     rep = alg.size_report()
     print(f"wrote {out}: {out.stat().st_size} bytes (size report {rep['compressed_bits'] / 8:.0f} bytes, "
-          f"ratio {rep['ratio']:.2f} vs the float32 model)")
+          f"ratio {rep['ratio']:.2f} for the whole model, {rep['scopes']['compressed']['ratio']:.2f} for the "
+          "compressed parameters alone)")
     return 0
 
 

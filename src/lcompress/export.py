@@ -28,7 +28,7 @@ from ._io import atomic_write
 from .codecs import CODECS, Reader, Writer, codec_for, decode_theta, delta_of, pack_bits, unpack_bits
 from .codecs.base import DTYPES, CorruptFileError, _is_int, _short, dtype_name, tensor_bytes
 from .container import BLOBS, FORMAT, VERSION
-from .sizes import dtype_bits
+from .sizes import compression_ratio, dtype_bits
 from .tasks import unwrap_model
 from .views import from_matrix
 
@@ -113,8 +113,10 @@ def save(alg, path) -> dict[str, Any]:
 
     Returns:
         ``{"path", "file_bytes", "payload_bytes", "compressed_bits", "reference_bits", "bound_bytes",
-        "ratio"}``: ``bound_bytes`` = 1.02 · compressed_bits / 8 + 4096, the size the file is guaranteed to stay
-        under (a warning is logged otherwise), and ``ratio`` = reference bytes / file bytes.
+        "ratio", "file_ratio"}``: ``bound_bytes`` = 1.02 · compressed_bits / 8 + 4096, the size the file is
+        guaranteed to stay under (a warning is logged otherwise); ``ratio`` = the size report's (reference bits /
+        compressed bits: :func:`lcompress.sizes.compression_ratio`, the one definition), and ``file_ratio`` =
+        reference bytes / file bytes, the container's header included.
 
     Raises:
         TypeError: a compression or a dtype the format cannot store.
@@ -134,7 +136,8 @@ def save(alg, path) -> dict[str, Any]:
         "compressed_bits": rep["compressed_bits"],
         "reference_bits": rep["reference_bits"],
         "bound_bytes": bound,
-        "ratio": rep["reference_bits"] / 8 / len(data),
+        "ratio": rep["ratio"],
+        "file_ratio": rep["reference_bits"] / 8 / len(data),
     }
 
 
@@ -317,8 +320,8 @@ def inspect(path) -> list[dict[str, Any]]:
 
     Returns:
         one row per task — ``task``, ``compression`` (its type), ``config``, ``shapes``, ``weights``, ``bits``
-        (Θ as counted by the size report), ``file_bytes`` (its payload bytes), ``ratio`` (dense bytes / file
-        bytes) — then a row ``"(uncompressed)"`` for the other parameters and buffers and a row ``"(header)"``
+        (Θ as counted by the size report), ``file_bytes`` (its payload bytes), ``ratio`` (reference bits / bits:
+        :func:`lcompress.sizes.compression_ratio`, as the size report's task rows) — then a row ``"(uncompressed)"`` for the other parameters and buffers and a row ``"(header)"``
         for the container's overhead (its ``file_bytes`` make the rows add up to the file size).
 
     Raises:
@@ -339,7 +342,7 @@ def inspect(path) -> list[dict[str, Any]]:
             "weights": sum(math.prod(s) for s in shapes),
             "bits": t["bits"],
             "file_bytes": t["bytes"],
-            "ratio": ref / 8 / t["bytes"] if t["bytes"] else math.inf,
+            "ratio": compression_ratio(ref, t["bits"]),
         })
     dense = [e for e in header["entries"] if e[3][0] == "dense"]
     dense_bytes = header["blobs"]["dense"]

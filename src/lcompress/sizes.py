@@ -20,7 +20,8 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["dtype_bits", "dense_bits", "index_bits", "quantized_bits", "delta_symbols", "support_bits"]
+__all__ = ["dtype_bits", "dense_bits", "index_bits", "quantized_bits", "delta_symbols", "support_bits",
+           "compression_ratio"]
 
 FLOAT_BITS = 32
 MAX_DELTA_WIDTH = 32
@@ -38,6 +39,26 @@ def dtype_bits(dtype: torch.dtype) -> int:
 def dense_bits(t: Tensor) -> int:
     """Bits to store ``t`` as it is."""
     return t.numel() * dtype_bits(t.dtype)
+
+
+def compression_ratio(reference_bits: int, compressed_bits: int) -> float:
+    """The compression ratio ρ, the one definition every "ratio" of lcompress uses (``LC.size_report()``, the
+    summary ``LC.export()`` returns, ``lcompress export``, ``lcompress inspect``, a run's ``results.json``).
+
+    ρ = reference bits / compressed bits, over one scope (a task, the compressed parameters, the whole model):
+
+    * reference bits: the scope's tensors at their own dtype, as a state dict stores them (each tensor once);
+    * compressed bits: what a ``.lcz`` file stores for them, as counted bit for bit by the codecs (tasks at
+      their compressed size, everything else at its dtype) — the file's payload before byte padding, without
+      the container's header (a few hundred bytes to a few KiB; ``LC.export()`` also reports
+      ``file_ratio`` = reference bytes / file bytes, header included).
+
+    Returns ``inf`` when nothing is stored.
+
+    >>> round(compression_ratio(32 * 1000, 1000 + 2 * 32), 2)   # 1000 float32 weights: 1-bit codes, 2-entry codebook
+    30.08
+    """
+    return reference_bits / compressed_bits if compressed_bits else math.inf
 
 
 def index_bits(k: int) -> int:
