@@ -293,32 +293,35 @@ def test_penalty_forms_minimize_their_objectives():
 
 
 def test_bits_follow_the_formulas():
+    """The packed bits; with the lossless stage (the default) a stream counts its coded bytes where shorter
+    (tests/test_lossless.py)."""
     w = torch.randn(1000)
     q = lc.AdaptiveQuantization(k=5)
     q.compress(w)
-    assert q.count_bits() == 1000 * 3 + 5 * 32
+    assert q.count_bits(lossless=False) == 1000 * 3 + 5 * 32
     b = lc.BinaryQuantization()
     b.compress(w)
-    assert b.count_bits() == 1000
+    assert b.count_bits(lossless=False) == 1000
     sb = lc.ScaledBinaryQuantization()
     sb.compress(w)
-    assert sb.count_bits() == 1000 + 32
+    assert sb.count_bits(lossless=False) == 1000 + 32
     st = lc.ScaledTernaryQuantization()
     st.compress(w)
-    assert st.count_bits() == 2000 + 32
+    assert st.count_bits(lossless=False) == 2000 + 32
     p2 = lc.PowersOfTwoQuantization(c=2)  # 7 values -> 3 bits
     p2.compress(w)
-    assert p2.count_bits() == 3000
+    assert p2.count_bits(lossless=False) == 3000
     p = lc.ConstraintL0Pruning(kappa=50, value_dtype="float16")
     p.compress(w)
-    assert p.count_bits() == 50 * 16 + support_bits(p.theta["indices"], 1000)[1]
+    assert p.count_bits(lossless=False) == 50 * 16 + support_bits(p.theta["indices"], 1000)[1]
     assert support_bits(p.theta["indices"], 1000)[1] <= 1000
     r = lc.LowRank(rank=3)
     r.compress(torch.randn(20, 10))
-    assert r.count_bits() == 3 * 30 * 32
+    assert r.count_bits(lossless=False) == 3 * 30 * 32
     a = lc.AdaptiveQuantization(k=2) + lc.ConstraintL0Pruning(kappa=10)
     a.compress(w)
-    assert a.count_bits() == a.parts[0].count_bits() + a.parts[1].count_bits()
+    for lossless in (False, True):
+        assert a.count_bits(lossless) == a.parts[0].count_bits(lossless) + a.parts[1].count_bits(lossless)
     assert index_bits(1) == 0 and index_bits(2) == 1 and index_bits(3) == 2 and index_bits(256) == 8
 
 

@@ -2,7 +2,7 @@
 
 A stream of n symbols from the alphabet [0, A) is stored in whichever of these forms is shortest:
 
-* **raw**: the symbols bit-packed at ⌈log₂ A⌉ bits each (:func:`lcompress.export.pack_bits`), exactly
+* **raw**: the symbols bit-packed at ⌈log₂ A⌉ bits each (:func:`lcompress.codecs.bits.pack_bits`), exactly
   ⌈n·⌈log₂ A⌉ / 8⌉ bytes;
 * **coded**, strictly fewer bytes than raw and self-describing: one byte naming the method, then
 
@@ -27,7 +27,7 @@ more than about n symbols is allocated. An ANS model is checked against n and A 
 A), symbols increasing and below A, counts ≥ 1 summing to n), and the coder must decode n symbols, end
 exactly at its data's end and reproduce the model's counts; a zstd frame may not declare another size, need a
 window larger than its output, fail its checksum, decode to other than the expected bytes or leave bytes after it. Anything else
-raises :class:`lcompress.export.CorruptFileError`. Encoding and decoding are vectorised (the coders run in
+raises :class:`lcompress.codecs.CorruptFileError`. Encoding and decoding are vectorised (the coders run in
 compiled code; no Python loop over symbols).
 
 >>> import numpy as np
@@ -72,7 +72,7 @@ _cache_lock = threading.Lock()
 
 
 def _corrupt(message: str) -> Exception:
-    from .export import CorruptFileError  # export imports this module: resolved at call time
+    from .codecs.base import CorruptFileError  # codecs.base imports this module: resolved at call time
 
     return CorruptFileError(f"corrupted .lcz payload: {message}")
 
@@ -96,7 +96,7 @@ def raw_size(n: int, alphabet_size: int) -> int:
 
 def pack_bits_raw(symbols: Any, alphabet_size: int) -> bytes:
     """The raw form of a stream: ``symbols`` bit-packed at ⌈log₂ A⌉ bits each."""
-    from .export import pack_bits
+    from .codecs.bits import pack_bits
 
     return pack_bits(np.asarray(symbols).reshape(-1), _width(_check_alphabet(alphabet_size)))
 
@@ -310,7 +310,7 @@ def decode(data: bytes | bytearray | memoryview | np.ndarray, n: int, alphabet_s
 
 
 def _unpack(buf: np.ndarray, n: int, width: int) -> np.ndarray:
-    from .export import unpack_bits
+    from .codecs.bits import unpack_bits
 
     used = n * width % 8
     if used and int(buf[-1]) >> used:  # pack_bits pads with zeros: anything else is another stream's bytes

@@ -657,8 +657,13 @@ class LC:
         self.step = int(step)
         self._neg_targets = self._neg_targets_mu = None
 
-    def export(self, path) -> dict[str, Any]:
+    def export(self, path, lossless: bool = True) -> dict[str, Any]:
         """Write the compressed model to a compact ``.lcz`` file (see :mod:`lcompress.export`).
+
+        Args:
+            path: the file.
+            lossless: entropy-code codes and supports where that is shorter (the default, what
+                :meth:`size_report` counts); ``False`` stores them bit-packed.
 
         Returns:
             a summary: file bytes and the size report it was checked against.
@@ -666,7 +671,7 @@ class LC:
         from .export import save
 
         self.check_feasible()
-        return save(self, path)
+        return save(self, path, lossless=lossless)
 
     # ---- a convenience driver -----------------------------------------------------------------------------
     def run(

@@ -23,6 +23,10 @@ kinds are ``codebook`` (codes bit-packed at ⌈log₂ K⌉ bits and the stored p
 (values or value-codebook codes, and an n-bit mask or delta-coded support), ``factors`` (A and B, or a rank
 selection's dense matrix) and ``sum`` (the parts' records); see each codec's module.
 
+Version 2 adds the lossless stage: a symbol stream (codes, a mask, delta symbols) whose segment is shorter than its
+packed bits is entropy-coded, self-describing from its first byte (ANS over its symbol counts, or zstd; see
+:mod:`lcompress._entropy`). The header is unchanged; the segment's length against the packed bits' is the flag.
+
 So the payload is exactly the bits of :meth:`lcompress.LC.size_report` rounded up to whole bytes per segment,
 and the file adds a header of a few hundred bytes to a few KiB.
 
@@ -66,7 +70,9 @@ __all__ = ["FORMAT", "VERSION", "BLOBS", "CorruptFileError", "write", "open_byte
            "decoded_bytes"]
 
 FORMAT = "lcompress.lcz"
-VERSION = 1
+#: The newest version this reads. Version 2 files may hold entropy-coded symbol streams (:mod:`lcompress._entropy`);
+#: a file with none is written as version 1, byte for byte what earlier lcompress wrote and reads.
+VERSION = 2
 HEADER_ENCODING = "zlib+base64"
 BLOBS = ("dense", "theta")
 
@@ -80,9 +86,12 @@ _MAX_INT = MAX_INT
 
 
 # ---- writing -------------------------------------------------------------------------------------------------------
-def write(header: Mapping[str, Any], blobs: Mapping[str, bytes]) -> bytes:
+def write(header: Mapping[str, Any], blobs: Mapping[str, bytes], version: int = VERSION) -> bytes:
     """The ``.lcz`` bytes of a header and its blobs: the header JSON zlib-compressed in the safetensors metadata,
-    the sha256 over the header JSON and the blobs, and the frame's keys sorted (equal content, equal bytes)."""
+    the sha256 over the header JSON and the blobs, and the frame's keys sorted (equal content, equal bytes).
+    ``version`` is the format version written (1: no stream is entropy-coded)."""
+    if version not in (1, VERSION):
+        raise ValueError(f"version={version!r} must be 1 or {VERSION}")
     header_json = json.dumps(header, separators=(",", ":"), allow_nan=False).encode()
     digest = hashlib.sha256(header_json)
     for b in BLOBS:
@@ -91,7 +100,7 @@ def write(header: Mapping[str, Any], blobs: Mapping[str, bytes]) -> bytes:
 
     meta = {
         "format": FORMAT,
-        "version": str(VERSION),
+        "version": str(version),
         "header_encoding": HEADER_ENCODING,
         "header": base64.b64encode(zlib.compress(header_json, 9)).decode("ascii"),
         "sha256": digest.hexdigest(),
@@ -247,7 +256,7 @@ def open_bytes(data: bytearray, where: str) -> tuple[dict[str, Any], dict[str, s
         header = json.loads(header_json)
     except (ValueError, RecursionError):
         raise CorruptFileError(f"{where}: corrupted .lcz header (it is not JSON, or nests too deep)") from None
-    check_header(Checker(where, {b: blobs[b].numel() for b in BLOBS}), header)
+    check_header(Checker(where, {b: blobs[b].numel() for b in BLOBS}, coded=int(meta["version"]) >= 2), header)
     return header, meta, blobs
 
 

@@ -49,8 +49,13 @@ class ModelMismatchError(CorruptFileError):
 
 
 # ---- writing -----------------------------------------------------------------------------------------------------
-def to_bytes(alg) -> tuple[bytes, dict[str, Any]]:
+def to_bytes(alg, lossless: bool = True) -> tuple[bytes, dict[str, Any]]:
     """The ``.lcz`` bytes of an :class:`lcompress.LC` object's compressed model, and the header written.
+
+    Args:
+        alg: the LC object.
+        lossless: entropy-code the symbol streams where that is shorter (:mod:`lcompress._entropy`; what
+            :meth:`lcompress.LC.size_report` counts); ``False`` writes them bit-packed (a version 1 file).
 
     Raises:
         TypeError, ValueError: ``alg`` is not an LC object, or a compression, Θ or dtype the format cannot store
@@ -59,7 +64,7 @@ def to_bytes(alg) -> tuple[bytes, dict[str, Any]]:
     if not (hasattr(alg, "tasks") and isinstance(getattr(alg, "model", None), nn.Module)):
         raise TypeError(f"alg must be an lcompress.LC object, got {type(alg).__name__}")
     model = alg.model
-    wr = Writer()
+    wr = Writer(lossless=lossless)
     task_of: dict[int, tuple[int, int]] = {}
     tasks = []
     for ti, t in enumerate(alg.tasks):
@@ -98,18 +103,20 @@ def to_bytes(alg) -> tuple[bytes, dict[str, Any]]:
             dense_size += len(data)
         first_name.setdefault(id(v), name)
         entries.append([name, dtype_name(v.dtype), list(v.shape), src])
-    header = {"format": FORMAT, "version": VERSION, "entries": entries, "tasks": tasks,
+    version = VERSION if wr.coded else 1  # a file without coded streams stays readable by version-1 readers
+    header = {"format": FORMAT, "version": version, "entries": entries, "tasks": tasks,
               "blobs": {"dense": dense_size, "theta": wr.size}}
-    return container.write(header, {"dense": b"".join(dense), "theta": wr.payload()}), header
+    return container.write(header, {"dense": b"".join(dense), "theta": wr.payload()}, version), header
 
 
-def save(alg, path) -> dict[str, Any]:
+def save(alg, path, lossless: bool = True) -> dict[str, Any]:
     """Write ``alg``'s compressed model to a ``.lcz`` file (atomically: a temporary file, then a rename; the file
     gets the permissions of any new file under the user's umask).
 
     Args:
         alg: an :class:`lcompress.LC` object (its Θ, and every other parameter and buffer of its model).
         path: the file to write.
+        lossless: see :func:`to_bytes`.
 
     Returns:
         ``{"path", "file_bytes", "payload_bytes", "compressed_bits", "reference_bits", "bound_bytes",
@@ -121,10 +128,12 @@ def save(alg, path) -> dict[str, Any]:
     Raises:
         TypeError: a compression or a dtype the format cannot store.
     """
-    data, header = to_bytes(alg)
+    data, header = to_bytes(alg, lossless=lossless)
     path = Path(path)
     atomic_write(path, lambda f: f.write(data))
     rep = alg.size_report()
+    if not lossless:  # the report counts the coded streams: count these tasks as written
+        rep = {**rep, "compressed_bits": rep["other_bits"] + sum(t["bits"] for t in header["tasks"])}
     bound = (1 + SIZE_SLACK) * rep["compressed_bits"] / 8 + SIZE_FIXED
     if len(data) > bound:
         logger.warning("%s: %d bytes exceeds the bound %.0f bytes of the size report", path, len(data), bound)

@@ -20,7 +20,9 @@ One protocol, every method on one codec:
 
 Every stream of integer symbols (codes, a support's bitmask or gaps) goes through :meth:`Writer.write_symbols` /
 :meth:`Reader.read_symbols` / :meth:`Checker.symbols`, and every raw tensor through ``write_tensor`` /
-``read_tensor`` / :meth:`Checker.tensor`: a lossless stage changes those three places and every codec follows.
+``read_tensor`` / :meth:`Checker.tensor`. The lossless stage lives in those three places (:mod:`lcompress._entropy`):
+a writer with ``lossless=True`` (the default) stores each symbol stream entropy-coded where that is shorter than its
+packed bits, and counts the coded bytes, so every codec's counted bits are its coded ones.
 """
 from __future__ import annotations
 
@@ -31,8 +33,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .. import _entropy
 from ..sizes import dense_bits, index_bits
-from .bits import pack_bits, unpack_bits
+from .bits import pack_bits
 
 __all__ = ["Codec", "CODECS", "CorruptFileError", "Writer", "Reader", "Checker", "codec_for", "check_theta",
            "decode_theta", "DTYPES", "dtype_name", "MAX_INT", "MAX_SUM_DEPTH"]
@@ -88,18 +91,29 @@ class Writer:
     """Collects the byte-aligned pieces of Θ that codecs write, and counts their bits.
 
     Each ``write_*`` returns the record fragment that locates the piece (today a segment ``[offset, length]`` in the
-    ``theta`` blob) and adds the piece's exact bits to :attr:`bits` (before byte padding). A dry writer
-    (``dry=True``, what :meth:`Codec.bits` uses) counts the same bits and writes nothing.
+    ``theta`` blob) and adds the piece's exact bits to :attr:`bits` (before byte padding; an entropy-coded stream
+    counts its bytes). A dry writer (``dry=True``, what :meth:`Codec.bits` uses) counts the same bits and writes
+    nothing.
+
+    Args:
+        dry: count, do not write.
+        lossless: entropy-code symbol streams where that is shorter (:mod:`lcompress._entropy`); ``False``
+            writes every stream bit-packed, as ``.lcz`` version 1 did.
     """
 
-    def __init__(self, dry: bool = False) -> None:
-        self.dry = dry
+    def __init__(self, dry: bool = False, lossless: bool = True) -> None:
+        if not isinstance(lossless, bool):
+            raise TypeError(f"lossless={lossless!r} must be True or False")
+        self.dry, self.lossless = dry, lossless
         self.bits = 0
         self.size = 0  # bytes written (or that would be)
+        self.coded = 0  # symbol streams stored entropy-coded (a file with any is .lcz version 2)
         self._pieces: list[bytes] = []
 
     def write_symbols(self, name: str, symbols: Tensor | np.ndarray, alphabet_size: int) -> Any:
-        """A stream of integer symbols in [0, alphabet_size): bit-packed at ⌈log₂ alphabet_size⌉ bits each.
+        """A stream of integer symbols in [0, alphabet_size): bit-packed at ⌈log₂ alphabet_size⌉ bits each, or,
+        with ``lossless``, entropy-coded when that is shorter (the segment is then shorter than the packed bits:
+        its length is the flag, see :mod:`lcompress._entropy`).
 
         Args:
             name: what the stream is (``"codes"``, ``"mask"``, ``"deltas"``), for a coder that treats them apart.
@@ -108,10 +122,23 @@ class Writer:
         """
         width = index_bits(alphabet_size)
         n = symbols.numel() if isinstance(symbols, Tensor) else int(np.asarray(symbols).size)
+        raw = -(-n * width // 8)
+        if self.lossless and raw:
+            data = _entropy.encode(symbols, alphabet_size)
+            if len(data) < raw:
+                self.coded += 1
+                self.bits += 8 * len(data)
+                return self._count(len(data)) if self.dry else self._add(data)
         self.bits += n * width
         if self.dry:
-            return self._count(-(-n * width // 8))
+            return self._count(raw)
         return self._add(pack_bits(symbols, width))
+
+    def stream_bytes(self, symbols: Tensor | np.ndarray, alphabet_size: int) -> int:
+        """Bytes :meth:`write_symbols` would take for this stream (a codec choosing between forms asks this)."""
+        n = symbols.numel() if isinstance(symbols, Tensor) else int(np.asarray(symbols).size)
+        raw = -(-n * index_bits(alphabet_size) // 8)
+        return min(raw, len(_entropy.encode(symbols, alphabet_size))) if self.lossless and raw else raw
 
     def write_tensor(self, name: str, t: Tensor) -> Any:
         """A tensor's raw little-endian bytes at its own dtype (``name`` says what it is, as above)."""
@@ -153,9 +180,16 @@ class Reader:
         return self.blob[off : off + length]
 
     def read_symbols(self, frag: Any, n: int, alphabet_size: int, field: str) -> np.ndarray:
-        """Inverse of :meth:`Writer.write_symbols`: ``n`` symbols (uint8 up to 8 bits a symbol, else int64)."""
-        width = index_bits(alphabet_size)
-        return unpack_bits(self.segment(frag, field).numpy(), n, width)
+        """Inverse of :meth:`Writer.write_symbols`: ``n`` symbols (uint8 up to 8 bits a symbol, else int64), from
+        the packed bits or an entropy-coded stream (see :mod:`lcompress._entropy`).
+
+        Raises:
+            CorruptFileError: naming ``field``: a stream that does not decode to n symbols of the alphabet.
+        """
+        try:
+            return _entropy.decode(self.segment(frag, field).numpy(), n, alphabet_size)
+        except CorruptFileError as e:
+            raise CorruptFileError(f"{field}: {e}") from None
 
     def read_tensor(self, seg: Any, dtype: torch.dtype, shape: Sequence[int], field: str) -> Tensor:
         """Inverse of :meth:`Writer.write_tensor`: a new tensor of ``dtype`` and ``shape``."""
@@ -173,10 +207,12 @@ class Checker:
     Args:
         where: the file, for messages.
         blob_sizes: ``{blob name: bytes}``; codecs' pieces lie in ``"theta"``.
+        coded: symbol streams may be entropy-coded (``.lcz`` version 2): a stream's segment may be shorter than
+            its packed bits.
     """
 
-    def __init__(self, where: str, blob_sizes: Mapping[str, int]) -> None:
-        self.where, self.sizes = where, blob_sizes
+    def __init__(self, where: str, blob_sizes: Mapping[str, int], coded: bool = False) -> None:
+        self.where, self.sizes, self.coded = where, blob_sizes, coded
 
     def fail(self, field: str, value: Any, problem: str) -> CorruptFileError:
         return CorruptFileError(f"{self.where}: corrupted .lcz header: {field} = {_short(value)} {problem}")
@@ -224,8 +260,12 @@ class Checker:
             raise self.fail(field, v, f"lies beyond the {blob!r} blob of {self.sizes[blob]} bytes")
 
     def symbols(self, frag: Any, n: int, alphabet_size: int, field: str) -> None:
-        """What :meth:`Writer.write_symbols` wrote for ``n`` symbols of an alphabet of ``alphabet_size``."""
-        self.seg(frag, "theta", -(-n * index_bits(alphabet_size) // 8), field)
+        """What :meth:`Writer.write_symbols` wrote for ``n`` symbols of an alphabet of ``alphabet_size``: their
+        packed bits, or (a coded file) an entropy-coded stream of at least one byte and fewer than those."""
+        raw = -(-n * index_bits(alphabet_size) // 8)
+        if self.coded and isinstance(frag, list) and len(frag) == 2 and _is_int(frag[1]) and 0 < frag[1] < raw:
+            raw = frag[1]  # what the stream holds is checked as it is decoded (lcompress._entropy.decode)
+        self.seg(frag, "theta", raw, field)
 
     def tensor(self, seg: Any, dtype: torch.dtype, numel: int, field: str) -> None:
         """What :meth:`Writer.write_tensor` wrote for ``numel`` values of ``dtype``."""
@@ -272,9 +312,10 @@ class Codec:
     def encode(self, comp: Any, writer: Writer) -> dict[str, Any]:
         raise NotImplementedError
 
-    def bits(self, comp: Any) -> int:
-        """Bits of ``comp``'s Θ in a file: ``encode`` into a dry writer (the path that writes, counting)."""
-        w = Writer(dry=True)
+    def bits(self, comp: Any, lossless: bool = True) -> int:
+        """Bits of ``comp``'s Θ in a file: ``encode`` into a dry writer (the path that writes, counting), with the
+        lossless stage or (``lossless=False``) without."""
+        w = Writer(dry=True, lossless=lossless)
         self.encode(comp, w)
         return w.bits
 

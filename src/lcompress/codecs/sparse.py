@@ -8,7 +8,7 @@
   float32 entries (``"entries"``, ``"codebook"``, ``"code_width"``, ``"codes"``);
 * the support coded the cheaper way (:func:`lcompress.sizes.support_bits`): an n-bit ``"mask"``
   (``support = "bitmask"``), or ``"symbols"`` delta symbols of ``"width"`` bits (``"deltas"``; all-ones = skip
-  2ᵇ − 1 positions).
+  2ᵇ − 1 positions). With the lossless stage the choice is by the streams' coded bytes (:func:`coded_support`).
 
 The compact form is a sparse layer per parameter (a joint task's support is split by parameter).
 """
@@ -31,6 +31,33 @@ __all__ = ["SparseCodec"]
 MAX_VALUE_CODEBOOK = 256  # the decoder keeps value-codebook codes in uint8
 
 
+#: Delta widths the lossless stage tries: the coded size of a support is flat in the width once escapes are rare.
+CODED_WIDTHS = range(1, 17)
+
+
+def _mask(idx: Tensor, n: int) -> Tensor:
+    mask = torch.zeros(n, dtype=torch.uint8, device=idx.device)
+    mask[idx] = 1
+    return mask
+
+
+def coded_support(idx: Tensor, n: int, w: Writer, raw_choice: tuple[str, int]) -> tuple[str, int]:
+    """(scheme, width) of the support whose stream :meth:`Writer.write_symbols` stores shortest: the bitmask or
+    delta symbols of a width in :data:`CODED_WIDTHS` (ties keep ``raw_choice``, the packed bits' best).
+
+    Coding changes which is best: on LeNet300 pruned to 5%, 8-bit deltas coded take 1–14% less than the packed
+    bits' best width (5–9 bits) coded, since zstd matches repeats in byte-aligned symbols.
+    """
+    def size(choice: tuple[str, int]) -> int:
+        scheme, width = choice
+        if scheme == "bitmask":
+            return w.stream_bytes(_mask(idx, n), 2)
+        return w.stream_bytes(delta_encode(idx, width), 1 << width)
+
+    candidates = [raw_choice, ("bitmask", 0)] + [("delta", b) for b in CODED_WIDTHS]
+    return min(candidates, key=size)  # min keeps the first of equals: the raw choice
+
+
 class SparseCodec(Codec):
     """Values (or value-codebook codes) and a bitmask or delta-coded support (see the module docstring)."""
 
@@ -44,6 +71,8 @@ class SparseCodec(Codec):
         th = comp.theta
         idx, vals, n = th["indices"].detach().reshape(-1).long(), th["values"].detach().reshape(-1), int(th["n"])
         scheme, _, width = support_bits(idx, n)
+        if w.lossless:
+            scheme, width = coded_support(idx, n, w, (scheme, width))
         rec: dict[str, Any] = {"kind": "sparse", "n": n, "nnz": idx.numel(), "support": scheme}
         if "codebook" in th:  # values = codebook[codes]: ⌈log₂ K⌉-bit codes and a float32 codebook
             cb = th["codebook"].detach().float().cpu().reshape(-1)
@@ -59,9 +88,7 @@ class SparseCodec(Codec):
         else:
             rec.update(dtype=dtype_name(vals.dtype), values=w.write_tensor("values", vals))
         if scheme == "bitmask":
-            mask = torch.zeros(n, dtype=torch.uint8, device=idx.device)
-            mask[idx] = 1
-            rec["mask"] = w.write_symbols("mask", mask, 2)
+            rec["mask"] = w.write_symbols("mask", _mask(idx, n), 2)
         else:
             sym = delta_encode(idx, width)
             rec.update(width=width, symbols=int(sym.numel()), deltas=w.write_symbols("deltas", sym, 1 << width))

@@ -160,15 +160,19 @@ class Compression:
         self._require()
         return codec_for(self).stored_values(self)
 
-    def count_bits(self) -> int:
+    def count_bits(self, lossless: bool = True) -> int:
         """Bits a ``.lcz`` file stores for Θ: its codec's encoding, counted (see :mod:`lcompress.codecs`).
+
+        Args:
+            lossless: with the lossless stage (the default, as files are written): each symbol stream at its
+                entropy-coded bytes where that is shorter; ``False``: the packed bits (⌈log₂ K⌉ a code, ...).
 
         Raises:
             NotCompressedError: before the first C step.
             TypeError: the compression declares no codec.
         """
         self._require()
-        return codec_for(self).bits(self)
+        return codec_for(self).bits(self, lossless=lossless)
 
     # ---- state ----------------------------------------------------------------------------------------------
     def config(self) -> dict[str, Any]:
