@@ -100,6 +100,8 @@ def test_the_stage_makes_prune_and_codebook_files_smaller_and_is_versioned(tmp_p
     for t, task in zip(header_off["tasks"], alg.tasks):
         assert t["bits"] == task.compression.count_bits(lossless=False)
         assert t["bits"] > task.compression.count_bits()
+    assert off["compressed_bits"] == sum(t["bits"] for t in header_off["tasks"]) + alg.size_report()["other_bits"]
+    assert off["ratio"] < on["ratio"] == alg.size_report()["ratio"]
     # both decode to the same model
     a, b = export.read(tmp_path / "on.lcz")["state"], export.read(tmp_path / "off.lcz")["state"]
     assert all(torch.equal(a[k], b[k]) for k in a)

@@ -133,7 +133,8 @@ def save(alg, path, lossless: bool = True) -> dict[str, Any]:
     atomic_write(path, lambda f: f.write(data))
     rep = alg.size_report()
     if not lossless:  # the report counts the coded streams: count these tasks as written
-        rep = {**rep, "compressed_bits": rep["other_bits"] + sum(t["bits"] for t in header["tasks"])}
+        bits = rep["other_bits"] + sum(t["bits"] for t in header["tasks"])
+        rep = {**rep, "compressed_bits": bits, "ratio": compression_ratio(rep["reference_bits"], bits)}
     bound = (1 + SIZE_SLACK) * rep["compressed_bits"] / 8 + SIZE_FIXED
     if len(data) > bound:
         logger.warning("%s: %d bytes exceeds the bound %.0f bytes of the size report", path, len(data), bound)
