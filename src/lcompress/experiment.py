@@ -24,6 +24,7 @@ import logging
 import math
 import pickle
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -455,26 +456,66 @@ def _lock_run_dir(out: Path, writer: bool, world: int, held: list, check: Callab
         raise err
 
 
+@dataclass
+class _Run:
+    """The state of one run as its stages pass it on (see :func:`_run_compress`)."""
+
+    cfg: RunConfig
+    out: Path
+    rank: int
+    world: int
+    device: torch.device
+    ckpt_path: Path
+    cfg_dict: dict[str, Any]
+    locked: bool = False  # the run directory existed as one and is locked already
+    diff: list[str] = field(default_factory=list)  # config fields changed since the run being resumed
+    ck: dict[str, Any] | None = None  # the checkpoint resumed from
+    model: nn.Module | None = None
+    ddp_model: nn.Module | None = None
+    alg: LC | None = None
+    tensors: tuple = ()  # x_train, y_train, x_test, y_test on the device
+    mus: list[float] = field(default_factory=list)
+    opt: torch.optim.Optimizer | None = None
+    gen: torch.Generator | None = None
+    results: dict[str, Any] = field(default_factory=dict)
+    start: int = 0
+    t0: float = 0.0
+    ref_meta: dict[str, Any] = field(default_factory=dict)  # the reference checkpoint's metadata
+    penalty: bool = False  # a task is a penalty form (its direct compression is taken at the last μ)
+
+    @property
+    def writer(self) -> bool:
+        return self.rank == 0
+
+
 def _run_compress(cfg, out, resume, force, data, data_dir, progress, should_stop, export, on_ready, held) -> dict:
+    """The stages of a run: validate (nothing written before it passes), build, start or restore, open the run
+    directory, the LC steps, finish."""
     rank, world = _dist_info()
-    writer = rank == 0
-    ckpt_path = out / "checkpoint.pt"
-    cfg_dict = cfg.to_dict()
-    # Validate everything before writing anything: a bad config, a missing file or a changed config leaves the run
-    # directory as it was. A directory that already is a run directory is locked first (one process per run
-    # directory); a new one is locked when it is created, just before the first write.
-    device = check_device_available(cfg.device)
+    run = _Run(cfg, out, rank, world, check_device_available(cfg.device), out / "checkpoint.pt", cfg.to_dict())
+    _check_run_dir(run, resume, force, held)
+    _build(run, data, data_dir, progress)
+    _start_or_restore(run)
+    _open_run_dir(run, resume, on_ready, held)
+    _lc_steps(run, progress, should_stop)
+    return _finish(run, export)
+
+
+def _check_run_dir(run: _Run, resume: bool, force: bool, held: list) -> None:
+    """Validate everything about the run directory before writing anything: a bad config, a missing file or a
+    changed config leaves it as it was. A directory that already is a run directory is locked first (one process
+    per run directory); a new one is locked when it is created, just before the first write."""
+    out = run.out
     locked = out.is_dir() and _is_run_dir(out)
-    if world > 1:  # every rank must take the same path through the collectives of _lock_run_dir
+    if run.world > 1:  # every rank must take the same path through the collectives of _lock_run_dir
         import torch.distributed as dist
 
         flag = torch.tensor([int(locked)], device=_flag_device())
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         locked = bool(flag.item())
+    run.locked = locked
     if locked:
-        _lock_run_dir(out, writer, world, held)
-    diff: list[str] = []
-    ck: dict[str, Any] | None = None
+        _lock_run_dir(out, run.writer, run.world, held)
     if resume:
         cfg_file = out / "config.json"
         if not cfg_file.is_file():
@@ -483,30 +524,33 @@ def _run_compress(cfg, out, resume, force, data, data_dir, progress, should_stop
             saved = json.loads(cfg_file.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ConfigError(f"{cfg_file}: not valid JSON ({_one_line(e)})") from None
-        diff = config_diff(saved, cfg_dict)
-        if diff and not force:
+        run.diff = config_diff(saved, run.cfg_dict)
+        if run.diff and not force:
             raise ConfigError(
-                f"the config differs from the run being resumed ({'; '.join(diff)}); use --force to resume anyway"
+                f"the config differs from the run being resumed ({'; '.join(run.diff)}); use --force to resume anyway"
             )
-        if ckpt_path.is_file():
-            ck = _load_run_checkpoint(ckpt_path)
+        if run.ckpt_path.is_file():
+            run.ck = _load_run_checkpoint(run.ckpt_path)
         else:
             logger.warning("%s: no checkpoint.pt (stopped during the first LC step): starting from the beginning", out)
     else:
         _check_no_run(out)
 
+
+def _build(run: _Run, data: Dataset | None, data_dir: str | None, progress: bool) -> None:
+    """Data, reference model, tasks, LC object (direct compression) and the μ schedule."""
+    cfg, device = run.cfg, run.device
     if data is None:
         data = load_data(cfg, data_dir)
-    x_train, y_train = data.x_train.to(device), data.y_train.to(device)
-    x_test, y_test = data.x_test.to(device), data.y_test.to(device)
-    model, ref_meta = prepare_reference(cfg, data, progress=progress and writer, is_writer=writer)
-    t0 = time.perf_counter()
+    run.tensors = (data.x_train.to(device), data.y_train.to(device), data.x_test.to(device), data.y_test.to(device))
+    model, ref_meta = prepare_reference(cfg, data, progress=progress and run.writer, is_writer=run.writer)
+    run.ref_meta = ref_meta
+    run.t0 = time.perf_counter()
     tasks = cfg.task_map()
     _check_tasks(model, tasks)
     penalty = any(c.penalty_form for c in tasks.values())
-
     ddp_model: nn.Module = model
-    if world > 1:
+    if run.world > 1:
         ddp_model = nn.parallel.DistributedDataParallel(model)
     # Penalty forms (explicit schedules only, see config.py) start from their C step at the first μ: at μ → 0⁺
     # they compress everything away, and an L step pulled towards Δ = 0 would wipe out the weights.
@@ -514,18 +558,27 @@ def _run_compress(cfg, out, resume, force, data, data_dir, progress, should_stop
     alg = LC(ddp_model, tasks, multipliers=cfg.lc.multipliers, direct_mu=first_mu)
     # The μ schedule of a resumed run is the one it started with (an "auto" one is not measured again); only a
     # forced resume with a changed [schedule] takes the new one.
-    schedule_changed = any(d.startswith("schedule.") for d in diff)
-    if world > 1:
-        _check_same_start(int(ck["step"]) if ck is not None else 0, out)
-    if ck is not None and not schedule_changed:
-        mus = [float(v) for v in json.loads(ck["results"])["schedule"]]
+    schedule_changed = any(d.startswith("schedule.") for d in run.diff)
+    if run.world > 1:
+        _check_same_start(int(run.ck["step"]) if run.ck is not None else 0, run.out)
+    if run.ck is not None and not schedule_changed:
+        run.mus = [float(v) for v in json.loads(run.ck["results"])["schedule"]]
     else:
-        mus = _mu_schedule(cfg, alg, model, data)
+        run.mus = _mu_schedule(cfg, alg, model, data)
+    run.model, run.ddp_model, run.alg, run.penalty = model, ddp_model, alg, penalty
 
-    opt = torch.optim.SGD(model.parameters(), lr=cfg.optimizer.lr, momentum=cfg.optimizer.momentum,
-                          nesterov=cfg.optimizer.nesterov and cfg.optimizer.momentum > 0,
-                          weight_decay=cfg.optimizer.weight_decay)
-    gen = torch.Generator().manual_seed(cfg.seed + 1)
+
+def _start_or_restore(run: _Run) -> None:
+    """The optimizer and minibatch generator; a new run's results (reference and direct compression), or a
+    resumed run's state from its checkpoint."""
+    cfg, model, alg, mus, device = run.cfg, run.model, run.alg, run.mus, run.device
+    _, _, x_test, y_test = run.tensors
+    penalty = run.penalty
+    run.opt = opt = torch.optim.SGD(model.parameters(), lr=cfg.optimizer.lr, momentum=cfg.optimizer.momentum,
+                                    nesterov=cfg.optimizer.nesterov and cfg.optimizer.momentum > 0,
+                                    weight_decay=cfg.optimizer.weight_decay)
+    run.gen = gen = torch.Generator().manual_seed(cfg.seed + 1)
+    ck = run.ck
     if ck is None:
         ref_error = evaluate(model, x_test, y_test)
         if penalty:
@@ -541,49 +594,61 @@ def _run_compress(cfg, out, resume, force, data, data_dir, progress, should_stop
                     dc_sizes["ratio"])
         # each rank its own stream for the model's randomness (dropout): ranks see different samples and must not
         # share masks; rank 0 (and a single process) keeps seed + 2
-        torch.manual_seed(_rank_seed(cfg.seed, rank))
+        torch.manual_seed(_rank_seed(cfg.seed, run.rank))
         if device.type == "cuda":
-            torch.cuda.manual_seed(_rank_seed(cfg.seed, rank))
-        results: dict[str, Any] = {
+            torch.cuda.manual_seed(_rank_seed(cfg.seed, run.rank))
+        run.results = {
             "name": cfg.name,
-            "config": cfg_dict,
-            "reference": {"test_error": ref_error, "checkpoint": cfg.reference.checkpoint, "meta": ref_meta},
+            "config": run.cfg_dict,
+            "reference": {"test_error": ref_error, "checkpoint": cfg.reference.checkpoint, "meta": run.ref_meta},
             "direct_compression": {"test_error": dc_error, "mu": mus[-1] if penalty else None, **_sizes(dc_sizes)},
             "schedule": mus,
             "steps": [],
-            "world_size": world,
+            "world_size": run.world,
         }
-        start = 0
-    else:
-        try:
-            model.load_state_dict(ck["model"])
-            opt.load_state_dict(ck["optimizer"])
-            alg.load_state_dict(ck["lc"])
-        except (RuntimeError, ValueError, KeyError) as e:
-            changed = f" (changed: {'; '.join(diff)})" if diff else ""
-            raise ConfigError(f"{ckpt_path}: cannot resume it with this config{changed}: {_one_line(e)}") from None
-        gen.set_state(ck["rng"]["batches"])
-        torch.set_rng_state(_this_rank_state(ck["rng"]["torch"], rank, world, "torch"))
-        if device.type == "cuda" and ck["rng"].get("cuda") is not None:
-            torch.cuda.set_rng_state(_this_rank_state(ck["rng"]["cuda"], rank, world, "cuda"), device)
-        results = json.loads(ck["results"])
-        start = int(ck["step"])
-        if diff:
-            logger.warning("resuming %s with a changed config: %s", out, "; ".join(diff))
-            results["config"] = cfg_dict
-            results.setdefault("resumed_with_changes", []).append(diff)
-            results["schedule"] = mus
-        logger.info("resumed %s after LC step %d of %d", out, start, len(mus) // cfg.schedule.c_steps_per_step)
+        run.start = 0
+        return
+    diff = run.diff
+    try:
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        alg.load_state_dict(ck["lc"])
+    except (RuntimeError, ValueError, KeyError) as e:
+        changed = f" (changed: {'; '.join(diff)})" if diff else ""
+        raise ConfigError(f"{run.ckpt_path}: cannot resume it with this config{changed}: {_one_line(e)}") from None
+    gen.set_state(ck["rng"]["batches"])
+    torch.set_rng_state(_this_rank_state(ck["rng"]["torch"], run.rank, run.world, "torch"))
+    if device.type == "cuda" and ck["rng"].get("cuda") is not None:
+        torch.cuda.set_rng_state(_this_rank_state(ck["rng"]["cuda"], run.rank, run.world, "cuda"), device)
+    results = json.loads(ck["results"])
+    run.start = int(ck["step"])
+    if diff:
+        logger.warning("resuming %s with a changed config: %s", run.out, "; ".join(diff))
+        results["config"] = run.cfg_dict
+        results.setdefault("resumed_with_changes", []).append(diff)
+        results["schedule"] = mus
+    run.results = results
+    logger.info("resumed %s after LC step %d of %d", run.out, run.start, len(mus) // cfg.schedule.c_steps_per_step)
 
-    if writer:
+
+def _open_run_dir(run: _Run, resume: bool, on_ready: Callable[[], None] | None, held: list) -> None:
+    """Create and lock a new run directory (meanwhile another run may have finished there) and write config.json."""
+    out = run.out
+    if run.writer:
         out.mkdir(parents=True, exist_ok=True)
-    if not locked:  # a new run directory: locked now that it exists; meanwhile another run may have finished there
-        _lock_run_dir(out, writer, world, held, check=None if resume else lambda: _check_no_run(out))
-    if writer:
-        if ck is None or diff:
-            atomic_write_text(json.dumps(cfg_dict, indent=2), out / "config.json")
+    if not run.locked:
+        _lock_run_dir(out, run.writer, run.world, held, check=None if resume else lambda: _check_no_run(out))
+    if run.writer:
+        if run.ck is None or run.diff:
+            atomic_write_text(json.dumps(run.cfg_dict, indent=2), out / "config.json")
         if on_ready is not None:
             on_ready()
+
+
+def _lc_steps(run: _Run, progress: bool, should_stop: Callable[[], bool] | None) -> None:
+    """The LC steps from ``run.start``: each an L step (its minibatches split among the step's C steps), the C
+    step, its record, and the checkpoint."""
+    cfg, world, x_train = run.cfg, run.world, run.tensors[0]
     per_rank_batch = max(1, cfg.data.batch_size // world)
     if per_rank_batch * world != cfg.data.batch_size:
         logger.warning("data.batch_size=%d is not a multiple of the %d ranks: the global batch is %d",
@@ -592,128 +657,151 @@ def _run_compress(cfg, out, resume, force, data, data_dir, progress, should_stop
     # c C steps per LC step: the step's minibatches split into c nearly equal parts, part j ended by the C step at
     # its own μ (the schedule has c values per LC step); the last part's C step is the one after the step's loop
     c_per = cfg.schedule.c_steps_per_step
-    n_steps = len(mus) // c_per
+    n_steps = len(run.mus) // c_per
     step_batches = cfg.schedule.epochs_per_step * n_batches
     c_after = [math.ceil(step_batches * (j + 1) / c_per) for j in range(c_per - 1)]
     bar = None
-    if progress and writer:
+    if progress and run.writer:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=n_steps * cfg.schedule.epochs_per_step * n_batches, initial=start * cfg.schedule.epochs_per_step * n_batches,
-                   desc=cfg.name, unit="batch", dynamic_ncols=True)
-    batch_no = 0  # minibatches this process has trained, for the stop poll's cadence
-    grad_form = cfg.lc.penalty == "grad"  # the penalty's gradient added after backward, not through the loss
+        bar = tqdm(total=n_steps * step_batches, initial=run.start * step_batches, desc=cfg.name, unit="batch",
+                   dynamic_ncols=True)
+    counter = [0]  # minibatches this process has trained, for the stop poll's cadence
     try:
-        for step in range(start, n_steps):
-            sub = mus[step * c_per : (step + 1) * c_per]
-            mu = sub[0]
-            lr0 = cfg.optimizer.lr * cfg.optimizer.lr_decay ** step
-            lr = clip_lr(lr0, mu) if cfg.optimizer.clip_lr else lr0
-            for group in opt.param_groups:
-                group["lr"] = lr
-            ts = time.perf_counter()
-            model.train()
-            loss_sum = torch.zeros((), device=device)
-            pen_sum = torch.zeros((), device=device)
-            seen = 0
-            part = 0
-            for _ in range(cfg.schedule.epochs_per_step):
-                for xb, yb in batches(x_train, y_train, per_rank_batch, shuffle=True, generator=gen, rank=rank, world_size=world):
-                    loss = F.cross_entropy(ddp_model(xb), yb)
-                    opt.zero_grad(set_to_none=True)
-                    if grad_form:  # the penalty's gradient added after backward (and after DDP's all-reduce)
-                        loss.backward()
-                        alg.penalty_grad_(mu)
-                    else:
-                        pen = alg.penalty(mu)
-                        (loss + pen).backward()
-                        pen_sum += pen.detach()
-                    opt.step()
-                    loss_sum += loss.detach()
-                    seen += 1
-                    batch_no += 1
-                    if bar is not None:
-                        bar.update(1)
-                    if _stop_requested(should_stop, world, batch_no):
-                        raise RunInterrupted(f"stopped during LC step {step + 1}; resume with --resume {out}")
-                    if part < c_per - 1 and seen == c_after[part]:  # an inner C step, then the next part's μ
-                        alg.c_step(mu)
-                        part += 1
-                        mu = sub[part]
-                        lr = clip_lr(lr0, mu) if cfg.optimizer.clip_lr else lr0
-                        for group in opt.param_groups:
-                            group["lr"] = lr
-            # ranks agree once more before the C step: an L step shorter than the poll interval would otherwise
-            # never see a stop request
-            if world > 1 and _stop_requested(should_stop, world, batch_no, force=True):
-                raise RunInterrupted(f"stopped during LC step {step + 1}; resume with --resume {out}")
-            if world > 1:
-                # the step's loss over the global batch, as a single process would report it (each rank saw a shard)
-                import torch.distributed as dist
-
-                sums = torch.stack([loss_sum, pen_sum]).to(_flag_device())
-                dist.all_reduce(sums)
-                loss_sum, pen_sum = (sums / world).to(device).unbind()
-            mean_loss = float(loss_sum) / max(seen, 1)
-            if grad_form:  # no per-batch values: the penalty at the L step's end weights (the same on every rank)
-                with torch.no_grad():
-                    pen_value = float(alg.penalty(mu))
-            else:
-                pen_value = float(pen_sum) / max(seen, 1)
-            if not math.isfinite(mean_loss):
-                raise FloatingPointError(
-                    f"the L step diverged at LC step {step + 1} (mu={mu:.4g}, loss={mean_loss}); lower optimizer.lr"
-                )
-            alg.c_step(mu)
-            rec = {
-                "step": step + 1,
-                "mu": mu,
-                "lr": lr,
-                "loss": mean_loss,
-                "penalty": pen_value,
-                "feasibility": alg.feasibility()["total"],
-                "seconds": time.perf_counter() - ts,
-                **_sizes(alg.size_report()),
-            }
-            if (step + 1) % cfg.evaluate.every == 0 or step + 1 == n_steps:
-                with alg.compressed() as m:
-                    rec["test_error"] = evaluate(m, x_test, y_test)
-                rec["test_error_w"] = evaluate(model, x_test, y_test)
-            results["steps"].append(rec)
+        for step in range(run.start, n_steps):
+            rec = _lc_step(run, step, n_steps, per_rank_batch, c_after, bar, should_stop, counter)
+            run.results["steps"].append(rec)
             if bar is not None:
-                bar.set_postfix(mu=f"{mu:.3g}", err=f"{rec.get('test_error', float('nan')):.2f}",
+                bar.set_postfix(mu=f"{rec['mu']:.3g}", err=f"{rec.get('test_error', float('nan')):.2f}",
                                 feas=f"{rec['feasibility']:.3g}")
             logger.info(
                 "LC step %d/%d: mu=%.4g lr=%.4g loss=%.4f |w-Delta|=%.4g test error %s ratio %.2f",
-                step + 1, n_steps, mu, lr, mean_loss, rec["feasibility"],
+                step + 1, n_steps, rec["mu"], rec["lr"], rec["loss"], rec["feasibility"],
                 f"{rec['test_error']:.2f}%" if "test_error" in rec else "-", rec["ratio"],
             )
-            rng_torch = _all_rank_states(torch.get_rng_state(), world)
-            rng_cuda = _all_rank_states(torch.cuda.get_rng_state(device), world) if device.type == "cuda" else None
-            if writer:
-                # the checkpoint first: results.json never shows a step that a resume would run again
-                atomic_save(
-                    {
-                        "format": RUN_FORMAT,
-                        "version": RUN_VERSION,
-                        "step": step + 1,
-                        "model": model.state_dict(),
-                        "optimizer": opt.state_dict(),
-                        "lc": alg.state_dict(),
-                        "rng": {
-                            "batches": gen.get_state(),
-                            "torch": rng_torch,  # one state per rank (a single tensor for one process)
-                            "cuda": rng_cuda,
-                        },
-                        "results": json.dumps(results),
-                    },
-                    ckpt_path,
-                )
-                atomic_write_text(json.dumps(results, indent=2), _results_path(out))
+            _save_step(run, step)
     finally:
         if bar is not None:
             bar.close()
 
+
+def _lc_step(run: _Run, step: int, n_steps: int, per_rank_batch: int, c_after: list[int], bar, should_stop,
+             counter: list[int]) -> dict[str, Any]:
+    """One LC step: the L step over ``epochs_per_step`` epochs with the step's inner C steps, then its last C step;
+    returns the step's record."""
+    cfg, alg, opt, device, world, out = run.cfg, run.alg, run.opt, run.device, run.world, run.out
+    x_train, y_train, x_test, y_test = run.tensors
+    c_per = cfg.schedule.c_steps_per_step
+    grad_form = cfg.lc.penalty == "grad"  # the penalty's gradient added after backward, not through the loss
+    sub = run.mus[step * c_per : (step + 1) * c_per]
+    mu = sub[0]
+    lr0 = cfg.optimizer.lr * cfg.optimizer.lr_decay ** step
+    lr = clip_lr(lr0, mu) if cfg.optimizer.clip_lr else lr0
+    for group in opt.param_groups:
+        group["lr"] = lr
+    ts = time.perf_counter()
+    run.model.train()
+    loss_sum = torch.zeros((), device=device)
+    pen_sum = torch.zeros((), device=device)
+    seen = 0
+    part = 0
+    for _ in range(cfg.schedule.epochs_per_step):
+        for xb, yb in batches(x_train, y_train, per_rank_batch, shuffle=True, generator=run.gen, rank=run.rank,
+                              world_size=world):
+            loss = F.cross_entropy(run.ddp_model(xb), yb)
+            opt.zero_grad(set_to_none=True)
+            if grad_form:  # the penalty's gradient added after backward (and after DDP's all-reduce)
+                loss.backward()
+                alg.penalty_grad_(mu)
+            else:
+                pen = alg.penalty(mu)
+                (loss + pen).backward()
+                pen_sum += pen.detach()
+            opt.step()
+            loss_sum += loss.detach()
+            seen += 1
+            counter[0] += 1
+            if bar is not None:
+                bar.update(1)
+            if _stop_requested(should_stop, world, counter[0]):
+                raise RunInterrupted(f"stopped during LC step {step + 1}; resume with --resume {out}")
+            if part < c_per - 1 and seen == c_after[part]:  # an inner C step, then the next part's μ
+                alg.c_step(mu)
+                part += 1
+                mu = sub[part]
+                lr = clip_lr(lr0, mu) if cfg.optimizer.clip_lr else lr0
+                for group in opt.param_groups:
+                    group["lr"] = lr
+    # ranks agree once more before the C step: an L step shorter than the poll interval would otherwise never see a
+    # stop request
+    if world > 1 and _stop_requested(should_stop, world, counter[0], force=True):
+        raise RunInterrupted(f"stopped during LC step {step + 1}; resume with --resume {out}")
+    if world > 1:
+        # the step's loss over the global batch, as a single process would report it (each rank saw a shard)
+        import torch.distributed as dist
+
+        sums = torch.stack([loss_sum, pen_sum]).to(_flag_device())
+        dist.all_reduce(sums)
+        loss_sum, pen_sum = (sums / world).to(device).unbind()
+    mean_loss = float(loss_sum) / max(seen, 1)
+    if grad_form:  # no per-batch values: the penalty at the L step's end weights (the same on every rank)
+        with torch.no_grad():
+            pen_value = float(alg.penalty(mu))
+    else:
+        pen_value = float(pen_sum) / max(seen, 1)
+    if not math.isfinite(mean_loss):
+        raise FloatingPointError(
+            f"the L step diverged at LC step {step + 1} (mu={mu:.4g}, loss={mean_loss}); lower optimizer.lr"
+        )
+    alg.c_step(mu)
+    rec = {
+        "step": step + 1,
+        "mu": mu,
+        "lr": lr,
+        "loss": mean_loss,
+        "penalty": pen_value,
+        "feasibility": alg.feasibility()["total"],
+        "seconds": time.perf_counter() - ts,
+        **_sizes(alg.size_report()),
+    }
+    if (step + 1) % cfg.evaluate.every == 0 or step + 1 == n_steps:
+        with alg.compressed() as m:
+            rec["test_error"] = evaluate(m, x_test, y_test)
+        rec["test_error_w"] = evaluate(run.model, x_test, y_test)
+    return rec
+
+
+def _save_step(run: _Run, step: int) -> None:
+    """The checkpoint after LC step ``step``, then results.json (which so never shows a step a resume would run
+    again); every rank's RNG states are gathered, rank 0 writes."""
+    device, world = run.device, run.world
+    rng_torch = _all_rank_states(torch.get_rng_state(), world)
+    rng_cuda = _all_rank_states(torch.cuda.get_rng_state(device), world) if device.type == "cuda" else None
+    if not run.writer:
+        return
+    atomic_save(
+        {
+            "format": RUN_FORMAT,
+            "version": RUN_VERSION,
+            "step": step + 1,
+            "model": run.model.state_dict(),
+            "optimizer": run.opt.state_dict(),
+            "lc": run.alg.state_dict(),
+            "rng": {
+                "batches": run.gen.get_state(),
+                "torch": rng_torch,  # one state per rank (a single tensor for one process)
+                "cuda": rng_cuda,
+            },
+            "results": json.dumps(run.results),
+        },
+        run.ckpt_path,
+    )
+    atomic_write_text(json.dumps(run.results, indent=2), _results_path(run.out))
+
+
+def _finish(run: _Run, export: bool) -> dict[str, Any]:
+    """The final record, results.json, the final LC state and (``export``) model.lcz."""
+    alg, results, out = run.alg, run.results, run.out
     final = results["steps"][-1] if results["steps"] else {}
     rel = alg.check_feasible()  # logs the library's "ended infeasible" warning (once)
     results["final"] = {
@@ -722,9 +810,9 @@ def _run_compress(cfg, out, resume, force, data, data_dir, progress, should_stop
         "relative_feasibility": rel,
         "feasible": rel <= alg.feasibility_tol,
         **_sizes(alg.size_report()),
-        "seconds": time.perf_counter() - t0,
+        "seconds": time.perf_counter() - run.t0,
     }
-    if writer:
+    if run.writer:
         atomic_write_text(json.dumps(results, indent=2), _results_path(out))
         atomic_save(alg.state_dict(), out / "lc_state.pt")
         if export:
