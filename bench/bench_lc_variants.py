@@ -15,6 +15,11 @@ Variants (combine with "+", e.g. "cps4+ft3"):
             K entries (gradient summed over each entry's weights) and the biases, for pruning the surviving values
   pfX       penalty_fraction X (μ₀ = X·κ), e.g. pf1
   fdX       final_distance X, e.g. fd0.001
+  lrX       the L step's initial learning rate X (default 0.1; still decayed 0.98 per epoch and capped at 1/μ)
+  cos       cosine learning-rate decay over the LC epochs (from lr to 0) instead of 0.98 per epoch
+  avg       each C step compresses the average of the weights over the second half of its L step (the SGD iterate
+            average, a less noisy estimate of the L step's minimiser); training continues from the last iterate
+  avgkeep   as avg, and training continues from the average
 """
 from __future__ import annotations
 
@@ -50,10 +55,14 @@ def tasks_for(scheme: str):
 
 
 def parse_variant(v: str) -> dict:
-    o = {"cps": 1, "qp": False, "ft": 0, "pf": 0.1, "fd": 0.005}
+    o = {"cps": 1, "qp": False, "ft": 0, "pf": 0.1, "fd": 0.005, "lr": 0.1, "cos": False, "avg": ""}
     for part in v.split("+"):
         if part == "base":
             continue
+        elif part == "cos":
+            o["cos"] = True
+        elif part in ("avg", "avgkeep"):
+            o["avg"] = part
         elif part == "qp":
             o["qp"] = True
         elif part.startswith("cps"):
@@ -64,6 +73,8 @@ def parse_variant(v: str) -> dict:
             o["pf"] = float(part[2:])
         elif part.startswith("fd"):
             o["fd"] = float(part[2:])
+        elif part.startswith("lr"):
+            o["lr"] = float(part[2:])
         else:
             raise SystemExit(f"unknown variant part {part!r}")
     return o
@@ -143,30 +154,59 @@ def run(scheme: str, variant: str, seed: int, epochs: int, cfg, data, ref_state)
     steps = lc_epochs * o["cps"]
     loss, loss_dc, gnorm = measure_loss_and_grad(model, alg, data.x_train, data.y_train)
     mus = lc.auto_schedule(alg, steps, loss_dc - loss, gnorm, penalty_fraction=o["pf"], final_distance=o["fd"])
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True)
+    opt = torch.optim.SGD(model.parameters(), lr=o["lr"], momentum=0.9, nesterov=True)
     gen = torch.Generator().manual_seed(seed + 1)
     torch.manual_seed(seed + 2)
     n_batches = math.ceil(len(data.x_train) / 256)
     per = math.ceil(n_batches / o["cps"])
     curve = []
     step = 0
+    wparams = [p for n, p in model.named_parameters() if n in LAYERS]
+    total_batches = lc_epochs * n_batches
+    avg, n_avg, since = None, 0, 0
     for epoch in range(lc_epochs):
-        lr_e = 0.1 * 0.98 ** epoch
+        lr_e = o["lr"] * 0.98 ** epoch
         for i, (xb, yb) in enumerate(batches(data.x_train, data.y_train, 256, shuffle=True, generator=gen)):
             mu = mus[step]
+            if o["cos"]:
+                lr_e = o["lr"] * 0.5 * (1 + math.cos(math.pi * (epoch * n_batches + i) / total_batches))
             for g in opt.param_groups:
                 g["lr"] = lc.clip_lr(lr_e, mu)
             loss = F.cross_entropy(model(xb), yb) + alg.penalty(mu)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            if (i + 1) % per == 0 or i + 1 == n_batches:
-                alg.c_step(mu)
+            since += 1
+            boundary = (i + 1) % per == 0 or i + 1 == n_batches
+            if o["avg"]:
+                if since > per // 2:  # the second half of a full-length L step (the last one may be shorter)
+                    with torch.no_grad():
+                        if avg is None:
+                            avg = [p.detach().clone() for p in wparams]
+                            n_avg = 1
+                        else:
+                            n_avg += 1
+                            for a_, p in zip(avg, wparams):
+                                a_.add_(p.detach() - a_, alpha=1.0 / n_avg)
+            if boundary:
+                if o["avg"] and avg is not None:
+                    with torch.no_grad():
+                        last = [p.detach().clone() for p in wparams]
+                        for a_, p in zip(avg, wparams):
+                            p.copy_(a_)
+                    alg.c_step(mu)
+                    if o["avg"] == "avg":
+                        with torch.no_grad():
+                            for l_, p in zip(last, wparams):
+                                p.copy_(l_)
+                else:
+                    alg.c_step(mu)
+                avg, n_avg, since = None, 0, 0
                 step += 1
         with alg.compressed() as m:
             curve.append(round(evaluate(m, data.x_test, data.y_test), 2))
     if o["ft"]:
-        _finetune(model, alg, data, gen, o["ft"], 0.1 * 0.98 ** lc_epochs * 0.1, lc_epochs)
+        _finetune(model, alg, data, gen, o["ft"], o["lr"] * 0.98 ** lc_epochs * 0.1, lc_epochs)
         err = evaluate(model, data.x_test, data.y_test)
         curve.append(round(err, 2))
     else:

@@ -18,6 +18,11 @@ import pytest
 import torch
 
 import synthetic as S
+import lcompress as lc
+from lcompress.config import ConfigError, parse_config
+from lcompress.demo import PEERS, SCHEMES, scheme_config
+from lcompress.peers import METHODS, Peer, train_peer
+from lcompress.training import evaluate
 from lcompress.cli import main
 from lcompress.export import read as read_lcz
 from lcompress.models import get_model
@@ -563,3 +568,89 @@ def test_a_read_only_run_directory_still_exports_elsewhere(finished_run, tmp_pat
     err = capsys.readouterr().err
     assert "Read-only file system" in err and err.count("\n") == 1, err
     assert snapshot(run) == before
+
+# ---- peer (the methods practitioners use instead of LC, from a config's [peer] table) ---------------------------
+PEER_ALL = ["fc1.weight", "fc2.weight", "fc3.weight"]
+PRUNE = [{"params": PEER_ALL, "compression": {"type": "ConstraintL0Pruning", "fraction": 0.1}}]
+
+
+def config(ref, **sections):
+    return S.base_config(ref, **sections)
+
+
+def test_peer_section_is_validated_and_named(synth):
+    base = config("ref.pt")
+    parse_config({**base, "peer": {"method": "gmp", "lr": 0.01}})
+    for peer, field in [({"method": "sgd"}, "peer.method"), ({"lr": -1.0}, "peer.lr"),
+                        ({"prune_end": 1.5}, "peer.prune_end"), ({"prune_every": 0}, "peer.prune_every"),
+                        ({"compression": {"type": "Nope"}}, "peer.compression"), ({"epochs": 3}, "peer.epochs")]:
+        with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+            parse_config({**base, "peer": peer})
+
+
+def test_peer_compression_replaces_every_task(synth):
+    cfg = parse_config({**config("ref.pt"), "peer": {"method": "scaled_sign_ste",
+                                                     "compression": {"type": "ScaledBinaryQuantization"}}})
+    lc_map, peer_map = cfg.task_map(), cfg.peer_task_map()
+    assert list(lc_map) == list(peer_map)
+    assert all(isinstance(c, lc.AdaptiveQuantization) for c in lc_map.values())
+    assert all(isinstance(c, lc.ScaledBinaryQuantization) for c in peer_map.values())
+
+
+def test_run_peer_is_train_peer_with_the_runs_settings(synth, tmp_path):
+    """The command's run equals a hand-made train_peer call with the config's epochs, lr, decay, batch and seed;
+    its file loads back into a model with the reported error."""
+    root, ref = synth
+    raw = config(ref, tasks=PRUNE, schedule={"steps": 3}, optimizer={"lr": 0.05, "lr_decay": 0.9},
+                 peer={"method": "gmp", "lr": 0.02, "prune_every": 5})
+    cfg_path = S.write_config(tmp_path / "cfg.toml", raw)
+    out = tmp_path / "peer"
+    rc, stdout, err = run_main(["peer", str(cfg_path), "--out", str(out), "-q"])
+    assert rc == 0, err
+    res = json.loads((out / "results.json").read_text())
+    assert res["method"] == "gmp" and res["lr"] == 0.02 and res["epochs"] == 3
+    assert f"{res['final']['test_error']:.2f}%" in stdout
+
+    cfg = parse_config(raw)
+    data = __import__(S.MODULE_NAME).load()
+    model = get_model("mlp", sizes=S.SIZES)
+    load_checkpoint(ref, model)
+    torch.manual_seed(123)  # train_peer seeds the global RNG itself
+    direct = train_peer(model, cfg.task_map(), "gmp", data, epochs=3, lr=0.02, lr_decay=0.9, batch_size=64,
+                        seed=0, prune_every=5)
+    assert res["final"]["test_error"] == direct.test_error
+    assert res["final"]["compressed_bits"] == direct.sizes["compressed_bits"]
+
+    fresh = get_model("mlp", sizes=S.SIZES)
+    loaded = lc.load(out / "model.lcz", fresh, compact=True)
+    assert evaluate(loaded, data.x_test, data.y_test) == pytest.approx(res["final"]["test_error"], abs=1e-9)
+    kept = sum(int((p != 0).sum()) for n, p in model.named_parameters() if n in PEER_ALL)
+    assert kept == round(0.1 * sum(model.get_parameter(n).numel() for n in PEER_ALL))
+
+
+def test_existing_results_are_kept_and_bad_peers_are_exit_2(synth, tmp_path):
+    _, ref = synth
+    cfg_path = S.write_config(tmp_path / "cfg.toml", config(ref, tasks=PRUNE, schedule={"steps": 1}))
+    out = tmp_path / "p"
+    assert run_main(["peer", str(cfg_path), "--method", "oneshot_prune", "--out", str(out), "-q"])[0] == 0
+    before = (out / "results.json").read_bytes(), (out / "model.lcz").read_bytes()
+    rc, _, err = run_main(["peer", str(cfg_path), "--method", "oneshot_prune", "--out", str(out), "-q"])
+    assert rc == 2 and "--overwrite" in err and err.count("\n") == 1
+    assert ((out / "results.json").read_bytes(), (out / "model.lcz").read_bytes()) == before
+    # no [peer] and no --method; a method that cannot produce the task's compression; an unknown method
+    for extra, words in [([], "peer.method"), (["--method", "scaled_sign_ste"], "scaled_sign_ste"),
+                         (["--method", "adam"], "adam")]:
+        rc, _, err = run_main(["peer", str(cfg_path), "--out", str(tmp_path / "q"), "-q", *extra])
+        assert rc == 2 and words in err and err.count("\n") == 1, err
+        assert not (tmp_path / "q" / "results.json").exists()
+
+
+@pytest.mark.parametrize("scheme", list(SCHEMES))
+def test_demo_schemes_name_a_peer_that_fits_their_tasks(scheme, tmp_path):
+    cfg = parse_config(scheme_config(scheme))
+    if scheme not in PEERS:
+        assert cfg.peer.method == ""
+        return
+    assert cfg.peer.method in METHODS
+    model = get_model("lenet300")
+    Peer(model, cfg.peer_task_map(), cfg.peer.method)  # raises if the method cannot produce these compressions

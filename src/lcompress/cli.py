@@ -367,12 +367,13 @@ def cmd_demo(args) -> int:
 
             for name in SCHEMES:
                 shutil.rmtree(out / name, ignore_errors=True)
+                shutil.rmtree(out / f"{name}_peer", ignore_errors=True)
         _setup_logging(args.verbose, args.quiet, out / "log.txt")
         stop = _Stop()
         try:
             with stop.installed():
                 rows = run_demo(out, args.reference, schemes=schemes, steps=args.steps, data_dir=args.data_dir,
-                                progress=not args.quiet, should_stop=stop)
+                                progress=not args.quiet, should_stop=stop, peers=not args.no_peers)
         except Exception as e:
             from .experiment import RunInterrupted
 
@@ -383,7 +384,8 @@ def cmd_demo(args) -> int:
     print()
     print(f"LeNet300 on Fashion-MNIST, reference test error {rows[0]['reference_error']:.2f}%")
     print(format_table(rows, [("scheme", "scheme", "s"), ("description", "description", "s"),
-                              ("test_error", "LC error %", ".2f"), ("dc_error", "DC error %", ".2f"),
+                              ("test_error", "LC error %", ".2f"), ("peer_error", "best peer %", ".2f"),
+                              ("peer", "peer", "s"), ("dc_error", "DC error %", ".2f"),
                               ("ratio", "ratio", ".1f"), ("file_bytes", "file bytes", "d"),
                               ("seconds", "seconds", ".0f")]))
     print(f"\nplot: {out / 'tradeoff.png'}  table: {out / 'summary.csv'}  runs: {out}/<scheme>/")
@@ -503,6 +505,36 @@ def cmd_inspect(args) -> int:
     return 0
 
 
+def cmd_peer(args) -> int:
+    from .config import ConfigError, load_config
+    from .experiment import RunInterrupted
+    from .peers import run_peer
+
+    overrides = _parse_set(args.set)
+    if args.method:
+        overrides["peer.method"] = args.method
+    if args.lr is not None:
+        overrides["peer.lr"] = args.lr
+    cfg = load_config(args.config, overrides, trust_code=args.trust_code)
+    if not cfg.peer.method:
+        raise ConfigError(f"peer.method: {args.config!r} names no peer; add a [peer] table or pass --method")
+    run_dir = Path(args.out) if args.out else Path("runs") / f"{cfg.name}_peer"
+    _setup_logging(args.verbose, args.quiet, run_dir / "log.txt")
+    stop = _Stop()
+    try:
+        with stop.installed():
+            res = run_peer(cfg, run_dir, data_dir=args.data_dir, overwrite=args.overwrite, progress=not args.quiet,
+                           should_stop=stop)
+    except RunInterrupted as e:
+        print(f"lcompress: interrupted: {e}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    f = res["final"]
+    print(f"{res['method']} (lr {res['lr']:g}, {res['epochs']} epochs): test error {f['test_error']:.2f}% "
+          f"(reference {res['reference']['test_error']:.2f}%), ratio {f['ratio']:.1f}, file {f['file_bytes']} bytes")
+    print(f"run directory: {run_dir}")
+    return 0
+
+
 # ---- entry point ------------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lcompress", description="Compress neural networks by the Learning-Compression algorithm.")
@@ -548,6 +580,19 @@ def build_parser() -> argparse.ArgumentParser:
     common(c)
     c.set_defaults(func=cmd_compress)
 
+    pe = sub.add_parser("peer", help="run the config's peer method (STE-QAT, GMP, ...) at the same budget as LC")
+    pe.add_argument("config", help="a run's TOML config with a [peer] table (or --method)")
+    pe.add_argument("--method", help="override peer.method (ste_codebook, scaled_sign_ste, gmp, oneshot_prune, "
+                                     "ste_codebook_gmp)")
+    pe.add_argument("--lr", type=float, help="override peer.lr")
+    pe.add_argument("--out", help="run directory (default runs/<name>_peer)")
+    pe.add_argument("--overwrite", action="store_true", help="replace results already in --out")
+    pe.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field")
+    pe.add_argument("--data-dir")
+    trust(pe)
+    common(pe)
+    pe.set_defaults(func=cmd_peer)
+
     s = sub.add_parser("sweep", help="error-compression trade-off over a list of settings")
     s.add_argument("config")
     s.add_argument("--vary", required=True, metavar="KEY", help="dotted config key, e.g. tasks.0.compression.k")
@@ -567,6 +612,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--steps", type=int, help="LC steps per scheme (default 30)")
     d.add_argument("--data-dir")
     d.add_argument("--overwrite", action="store_true", help="replace earlier demo runs in --out")
+    d.add_argument("--no-peers", action="store_true", help="skip the best peer beside each scheme (halves the time)")
     common(d)
     d.set_defaults(func=cmd_demo)
 

@@ -136,6 +136,18 @@ class LCConfig:
 
 
 @dataclass
+class PeerConfig:
+    """``lcompress peer`` and the demo's peer column: a method practitioners use instead of LC (see
+    :mod:`lcompress.peers`), trained with the run's data, optimizer, seed and epoch budget (steps · epochs_per_step)."""
+
+    method: str = ""  # one of lcompress.peers.METHODS; "" = no peer
+    lr: float = 0.0  # 0: optimizer.lr
+    compression: Any = None  # replaces every task's compression for the peer (e.g. ScaledBinaryQuantization)
+    prune_end: float = 0.75  # GMP: fraction of the run over which the sparsity ramps up
+    prune_every: int = 100  # GMP: minibatches between mask updates
+
+
+@dataclass
 class RunConfig:
     """A parsed, validated run configuration."""
 
@@ -150,6 +162,7 @@ class RunConfig:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     lc: LCConfig = field(default_factory=LCConfig)
+    peer: PeerConfig = field(default_factory=PeerConfig)
     source: str | None = None  # the file it came from (not part of the run's identity)
     # the consent given when it was read (load_config/parse_config's trust_code): never part of a file
     trust_code: bool = field(default=False, repr=False, compare=False)
@@ -168,6 +181,15 @@ class RunConfig:
             out[key] = build_compression(t.compression, f"tasks.{i}.compression", self.trust_code, self.source)
         return out
 
+    def peer_task_map(self) -> dict[Any, Compression]:
+        """The task map the peer trains: :meth:`task_map`, with every compression replaced by
+        ``peer.compression`` when that is given."""
+        out = self.task_map()
+        if self.peer.compression is not None:
+            out = {k: build_compression(self.peer.compression, "peer.compression", self.trust_code, self.source)
+                   for k in out}
+        return out
+
 
 _SECTIONS = {
     "model": ModelConfig,
@@ -177,6 +199,7 @@ _SECTIONS = {
     "optimizer": OptimizerConfig,
     "evaluate": EvaluateConfig,
     "lc": LCConfig,
+    "peer": PeerConfig,
 }
 _TOP = {"name", "seed", "device", "tasks", *_SECTIONS}
 BUILTIN_DATASETS = ("fashion-mnist", "mnist", "cifar10")
@@ -541,7 +564,23 @@ def parse_config(raw: dict[str, Any], source: str | None = None, trust_code: boo
         raise ConfigError(f"optimizer.weight_decay={o.weight_decay}: must be >= 0")
     if cfg.evaluate.every < 1:
         raise ConfigError(f"evaluate.every={cfg.evaluate.every}: must be >= 1")
+    _check_peer(cfg.peer, trust_code, source)
     return cfg
+
+
+def _check_peer(p: PeerConfig, trust_code: bool, source: str | None) -> None:
+    from .peers import METHODS
+
+    if p.method and p.method not in METHODS:
+        raise ConfigError(f"peer.method={p.method!r}: unknown peer method (known: {', '.join(METHODS)})")
+    if not p.lr >= 0:
+        raise ConfigError(f"peer.lr={p.lr}: must be >= 0 (0: optimizer.lr)")
+    if not 0 <= p.prune_end <= 1:
+        raise ConfigError(f"peer.prune_end={p.prune_end}: must be in [0, 1]")
+    if p.prune_every < 1:
+        raise ConfigError(f"peer.prune_every={p.prune_every}: must be >= 1")
+    if p.compression is not None:
+        build_compression(p.compression, "peer.compression", trust_code, source)
 
 
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None, trust_code: bool = False) -> RunConfig:

@@ -18,7 +18,7 @@ from typing import Any, Callable
 from ._io import atomic_write, atomic_write_text
 from .config import RunConfig, parse_config
 
-__all__ = ["SCHEMES", "BASE", "scheme_config", "run_demo", "plot_tradeoff", "write_csv", "format_table"]
+__all__ = ["SCHEMES", "PEERS", "BASE", "scheme_config", "run_demo", "plot_tradeoff", "write_csv", "format_table"]
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +73,16 @@ SCHEDULES: dict[str, dict[str, Any]] = {
     "rank_selection": {"mu0": 0.2, "factor": 1.1},
 }
 
+#: the best peer of each scheme that has one (bench/peers_2026-12-02.json: best of STE codebook / scaled-sign STE /
+#: GMP / one-shot pruning / STE + GMP on LeNet300, each at its best lr of 0.1 ... 0.001 on seed 0, mean of seeds 0-4);
+#: quantize_1_3 takes the 1-bit winner untuned. LowRank and RankSelection have no peer here.
+PEERS: dict[str, dict[str, Any]] = {
+    "quantize_all": {"method": "scaled_sign_ste", "lr": 0.003, "compression": {"type": "ScaledBinaryQuantization"}},
+    "quantize_1_3": {"method": "scaled_sign_ste", "lr": 0.003, "compression": {"type": "ScaledBinaryQuantization"}},
+    "prune_5": {"method": "gmp", "lr": 0.03},
+    "binary_plus_sparse": {"method": "ste_codebook_gmp", "lr": 0.01},
+}
+
 #: everything but the tasks and the run name, shared by the demo schemes
 BASE: dict[str, Any] = {
     "seed": 0,
@@ -103,6 +113,8 @@ def scheme_config(name: str, reference: str | None = None, steps: int | None = N
         raw["reference"]["checkpoint"] = reference
     if steps is not None:
         raw["schedule"]["steps"] = steps
+    if name in PEERS:
+        raw["peer"] = copy.deepcopy(PEERS[name])
     return raw
 
 
@@ -114,13 +126,19 @@ def run_demo(
     data_dir: str | None = None,
     progress: bool = True,
     should_stop: Callable[[], bool] | None = None,
+    peers: bool = True,
 ) -> list[dict[str, Any]]:
     """Run the demo schemes; write ``summary.json``, ``summary.csv`` and ``tradeoff.png`` under ``out_dir``.
 
+    Each scheme runs LC (in ``out_dir/<scheme>``) and, when ``peers`` and the scheme has one (:data:`PEERS`), its
+    best peer on the same reference, data order and epoch budget (in ``out_dir/<scheme>_peer``).
+
     Returns:
-        one row per scheme: scheme, description, test error, DC error, reference error, ratio, seconds.
+        one row per scheme: scheme, description, test error, DC error, reference error, ratio, the peer's method,
+        test error and ratio (None without a peer), seconds.
     """
     from .experiment import load_data, prepare_reference, run_compress
+    from .peers import run_peer
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -133,6 +151,9 @@ def run_demo(
     for n in names:
         t = time.perf_counter()
         res = run_compress(cfgs[n], out / n, data=data, progress=progress, should_stop=should_stop)
+        peer = None
+        if peers and cfgs[n].peer.method:
+            peer = run_peer(cfgs[n], out / f"{n}_peer", data=data, progress=progress, should_stop=should_stop)
         rows.append(
             {
                 "scheme": n,
@@ -144,6 +165,9 @@ def run_demo(
                 "dc_ratio": res["direct_compression"]["ratio"],
                 "file_bytes": res["final"].get("file_bytes"),
                 "feasible": res["final"]["feasible"],
+                "peer": peer["method"] if peer else None,
+                "peer_error": peer["final"]["test_error"] if peer else None,
+                "peer_ratio": peer["final"]["ratio"] if peer else None,
                 "seconds": time.perf_counter() - t,
             }
         )
@@ -152,11 +176,12 @@ def run_demo(
     plot_tradeoff(
         {
             "LC": [(r["ratio"], r["test_error"], r["scheme"]) for r in rows],
+            "best peer": [(r["peer_ratio"], r["peer_error"], r["scheme"]) for r in rows if r["peer"]],
             "direct compression": [(r["dc_ratio"], r["dc_error"], r["scheme"]) for r in rows],
         },
         out / "tradeoff.png",
         reference_error=rows[0]["reference_error"] if rows else None,
-        title="LeNet300 on Fashion-MNIST: LC vs direct compression",
+        title="LeNet300 on Fashion-MNIST: LC vs its best peer and direct compression",
     )
     return rows
 

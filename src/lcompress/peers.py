@@ -36,6 +36,7 @@ the float32 rounding of the codebook means (≤ a few ulps; ``PeerResult.dc_max_
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import math
 import time
@@ -65,6 +66,7 @@ __all__ = [
     "Peer",
     "PeerResult",
     "train_peer",
+    "run_peer",
     "gmp_sparsity",
     "gmp_kept",
     "nearest_centroid_ste",
@@ -550,6 +552,7 @@ def train_peer(
     prune_end: float = 0.75,
     prune_every: int = 100,
     normalize_centroid_grad: bool = True,
+    should_stop: Any = None,
 ) -> PeerResult:
     """Train ``model`` (holding the reference weights) by a peer method and end at its compressed model.
 
@@ -557,6 +560,9 @@ def train_peer(
     parameters (and the peer's codebooks/corrections) with (Nesterov) momentum, minibatches of ``batch_size`` drawn
     without replacement by a generator seeded ``seed + 1``, the global RNG (dropout) seeded ``seed + 2``, and
     lr · lr_decay^epoch in epoch 0, 1, …. The model stays on its device; data is moved there.
+
+    ``should_stop`` (a callable, polled between minibatches) returning True stops the run with
+    :class:`lcompress.experiment.RunInterrupted`.
 
     Returns:
         a :class:`PeerResult`; the model then holds the final compressed weights.
@@ -598,6 +604,10 @@ def train_peer(
         loss_sum = torch.zeros((), device=device)
         seen = 0
         for xb, yb in batches(x, y, batch_size, shuffle=True, generator=gen):
+            if should_stop is not None and should_stop():
+                from .experiment import RunInterrupted
+
+                raise RunInterrupted(f"{method}: stopped in epoch {epoch + 1} of {epochs}; nothing was written")
             peer.update(t)
             w = peer.weights()
             out = torch.func.functional_call(net, w, (xb,)) if w else net(xb)
@@ -635,3 +645,86 @@ def train_peer(
     return PeerResult(method=method, lr=float(lr), seed=int(seed), epochs=epochs, test_error=err, lc=alg,
                       sizes=alg.size_report(), dc_max_abs_diff=diff, history=history, mask_updates=updates,
                       seconds=time.perf_counter() - t0)
+
+
+def run_peer(
+    cfg: Any,
+    out_dir: Any,
+    *,
+    data: Dataset | None = None,
+    data_dir: str | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    should_stop: Any = None,
+) -> dict[str, Any]:
+    """Run the peer a run config names (its ``[peer]`` table) on that config's reference, data, optimizer, seed
+    and epoch budget (``schedule.steps · schedule.epochs_per_step`` epochs, ``optimizer.lr_decay`` per LC step), and
+    write ``out_dir/results.json`` and ``out_dir/model.lcz`` (the peer's compressed model in lcompress's format).
+
+    Args:
+        cfg: a :class:`lcompress.config.RunConfig` whose ``peer.method`` is set.
+        out_dir: the run directory (created; one that already holds results is refused unless ``overwrite``).
+        data: already loaded data (otherwise loaded from the config); ``data_dir`` overrides ``data.dir``.
+        progress: unused (the peer logs one line per epoch); kept for the CLI's uniform call.
+        should_stop: polled between minibatches; True stops the run (nothing is written).
+
+    Returns:
+        the results dict: method, lr, reference, final (test_error, ratio, compressed_bits, file_bytes), history.
+
+    Raises:
+        ConfigError: no ``peer.method``, a task the method cannot train, a results file already there, or the
+            reference / data errors of :func:`lcompress.experiment.prepare_reference`.
+    """
+    from pathlib import Path
+
+    from ._io import atomic_write_text
+    from ._rundir import DirectoryLock
+    from .config import ConfigError
+    from .experiment import load_data, prepare_reference
+
+    p = cfg.peer
+    if not p.method:
+        raise ConfigError("peer.method: missing; name the peer to run (known: " + ", ".join(METHODS) + ")")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with DirectoryLock(out, "peer run directory", hint="or give another --out"):
+        if (out / "results.json").exists() and not overwrite:
+            raise ConfigError(f"run directory {str(out)!r} already holds results; pass --overwrite or another --out")
+        if data is None:
+            data = load_data(cfg, data_dir)
+        model, meta = prepare_reference(cfg, data, progress=progress)
+        ref_err = evaluate(model, data.x_test, data.y_test)
+        tasks = cfg.peer_task_map()
+        epochs = cfg.schedule.steps * cfg.schedule.epochs_per_step
+        lr = p.lr or cfg.optimizer.lr
+        o = cfg.optimizer
+        try:
+            res = train_peer(
+                model, tasks, p.method, data, epochs=epochs, lr=lr,
+                lr_decay=o.lr_decay ** (1.0 / cfg.schedule.epochs_per_step), momentum=o.momentum,
+                nesterov=o.nesterov, weight_decay=o.weight_decay, batch_size=cfg.data.batch_size, seed=cfg.seed,
+                evaluate_every=cfg.evaluate.every, prune_end=p.prune_end, prune_every=p.prune_every,
+                should_stop=should_stop,
+            )
+        except (TypeError, ValueError) as e:  # a task the method cannot train, or a bad option
+            raise ConfigError(f"peer.method={p.method!r}: {e}") from None
+        sizes = res.sizes
+        results: dict[str, Any] = {
+            "name": cfg.name,
+            "method": p.method,
+            "description": METHODS[p.method][1],
+            "lr": lr,
+            "epochs": epochs,
+            "seed": cfg.seed,
+            "reference": {"checkpoint": cfg.reference.checkpoint, "test_error": ref_err},
+            "final": {"test_error": res.test_error, "ratio": sizes["ratio"],
+                      "compressed_bits": sizes["compressed_bits"], "reference_bits": sizes["reference_bits"]},
+            "dc_max_abs_diff": res.dc_max_abs_diff,
+            "history": res.history,
+            "seconds": res.seconds,
+        }
+        res.lc.export(out / "model.lcz")
+        results["final"]["file_bytes"] = (out / "model.lcz").stat().st_size
+        atomic_write_text(json.dumps(results, indent=2), out / "results.json")
+    logger.info("%s: test error %.2f%%, ratio %.1f", p.method, res.test_error, sizes["ratio"])
+    return results
