@@ -81,6 +81,10 @@ def nearest_in_codebook(x: Tensor, codebook: Tensor) -> Tensor:
     return idx
 
 
+#: group_means sums in float64 chunks of this many values
+_SUM_CHUNK = 1 << 16
+
+
 def group_means(x: Tensor, idx: Tensor, k: int, fallback: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Per-group mean of ``x`` for integer labels ``idx`` in [0, k).
 
@@ -95,9 +99,19 @@ def group_means(x: Tensor, idx: Tensor, k: int, fallback: Tensor | None = None) 
     """
     idx = idx.reshape(-1)
     x = x.reshape(-1)
-    # bincount takes the uint8 codes as they are (no int64 copy) and sums in x's dtype
-    sums = torch.bincount(idx, weights=x, minlength=k)[:k].to(x.dtype)
     counts = torch.bincount(idx, minlength=k)[:k].to(x.dtype)
+    if x.device.type == "mps":  # no float64 there
+        sums = torch.bincount(idx, weights=x, minlength=k)[:k]
+    elif x.dtype == torch.float64 or x.numel() <= _SUM_CHUNK:
+        sums = torch.bincount(idx, weights=x.double() if x.numel() <= _SUM_CHUNK else x, minlength=k)[:k]
+    else:
+        # bincount adds a group's members one after another in its weights' dtype: at 2^18 float32 values per group
+        # the mean would be off by ~1e-3 relative. Each chunk is summed in float64 instead (a chunk-sized float64
+        # temporary, never a copy of the whole tensor), and the chunks' sums are added in float64.
+        sums = torch.zeros(k, dtype=torch.float64, device=x.device)
+        for xs, ids in zip(x.split(_SUM_CHUNK), idx.split(_SUM_CHUNK)):
+            sums += torch.bincount(ids, weights=xs.double(), minlength=k)[:k]
+    sums = sums.to(x.dtype)
     means = sums / counts.clamp_min(1)
     if fallback is None:
         fallback = torch.zeros_like(means)
