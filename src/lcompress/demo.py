@@ -73,6 +73,12 @@ SCHEDULES: dict[str, dict[str, Any]] = {
     "rank_selection": {"mu0": 0.2, "factor": 1.1},
 }
 
+#: auto-schedule settings measured better for a scheme than BASE's (bench/lc_seeds_2026-12-02.json, seeds 0-4):
+#: joint pruning starts at μ₀ = 0.03κ (mean 10.49%, against 10.54 at 0.1κ, 10.69 at 0.3κ and 11.00 at κ)
+TUNED: dict[str, dict[str, Any]] = {
+    "prune_5": {"penalty_fraction": 0.03},
+}
+
 #: the best peer of each scheme that has one (bench/peers_2026-12-02.json: best of STE codebook / scaled-sign STE /
 #: GMP / one-shot pruning / STE + GMP on LeNet300, each at its best lr of 0.1 ... 0.001 on seed 0, mean of seeds 0-4);
 #: quantize_1_3 takes the 1-bit winner untuned. LowRank and RankSelection have no peer here.
@@ -109,6 +115,7 @@ def scheme_config(name: str, reference: str | None = None, steps: int | None = N
         for k in ("mu", "c_steps_per_step", "penalty_fraction"):  # an explicit schedule: one μ per LC step
             raw["schedule"].pop(k)
         raw["schedule"].update(SCHEDULES[name])
+    raw["schedule"].update(TUNED.get(name, {}))
     if reference is not None:
         raw["reference"]["checkpoint"] = reference
     if steps is not None:
