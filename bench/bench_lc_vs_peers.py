@@ -10,7 +10,7 @@ lowest mean), the difference, and the issue's targets:
 * moonshot: LC at 15 epochs ≤ the best peer at 30.
 
     python bench/bench_lc_vs_peers.py --lc bench/lc_seeds_2026-12-02.json --peers bench/peers_2026-12-02.json \
-        --variant cps4+pf1,prune5=cps4+pf0.3 > bench/lc_vs_peers_2026-12-02.json
+        --variant cps4+pf1,prune5=cps4+pf0.03 > bench/lc_vs_peers_2026-12-02.json
 """
 from __future__ import annotations
 
