@@ -45,6 +45,8 @@ LAYERS = ("fc1.weight", "fc2.weight", "fc3.weight")
 def tasks_for(scheme: str):
     if scheme == "q2":
         return {"re:fc\\d\\.weight": lc.AdaptiveQuantization(k=2)}
+    if scheme == "sb":  # 1 bit per layer as {-a, +a} (the scaled-sign peer's set; 1 float per layer, not 2)
+        return {"re:fc\\d\\.weight": lc.ScaledBinaryQuantization()}
     if scheme == "q4":
         return {"re:fc\\d\\.weight": lc.AdaptiveQuantization(k=4)}
     if scheme == "prune5":
