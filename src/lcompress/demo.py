@@ -189,6 +189,7 @@ def run_demo(
         out / "tradeoff.png",
         reference_error=rows[0]["reference_error"] if rows else None,
         title="LeNet300 on Fashion-MNIST: LC vs its best peer and direct compression",
+        focus=["LC", "best peer"],
     )
     return rows
 
@@ -226,9 +227,11 @@ def plot_tradeoff(
     reference_error: float | None = None,
     title: str = "",
     connect: bool = False,
+    focus: list[str] | None = None,
 ) -> None:
     """Test error vs compression ratio (log x), one marker series per method (joined by lines when ``connect``,
-    e.g. a sweep), labels at the first series' points."""
+    e.g. a sweep), labels at the first series' points. ``focus`` names the series whose errors set the y range
+    (with the reference); points of other series above it are drawn at the top edge, labelled with their error."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -250,6 +253,19 @@ def plot_tradeoff(
                 ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
     if reference_error is not None:
         ax.axhline(reference_error, color="gray", linestyle=":", label=f"reference ({reference_error:.2f}%)")
+    kept = [p[1] for name in (focus or []) for p in series.get(name, []) if p[1] is not None]
+    if kept:
+        lo = min(kept + ([reference_error] if reference_error is not None else []))
+        hi = max(kept)
+        pad = max(0.15 * (hi - lo), 0.2)
+        top = hi + 2 * pad
+        ax.set_ylim(lo - pad, top)
+        above = sorted((x, y, i) for i, pts in enumerate(series.values()) for x, y, _ in pts
+                       if x is not None and y is not None and y > top)
+        for j, (x, y, i) in enumerate(above):  # labels alternate in height so neighbours do not overlap
+            ax.plot([x], [top], linestyle="none", marker=markers[i % 5], color=f"C{i}", clip_on=False)
+            ax.annotate(f"{y:.1f}% ↑", (x, top), textcoords="offset points", xytext=(4, -10 - 10 * (j % 2)),
+                        fontsize=7, color=f"C{i}")
     ax.set_xscale("log")
     ax.set_xlabel("compression ratio ρ (log scale)")
     ax.set_ylabel("test error (%)")
