@@ -20,6 +20,7 @@ Variants (combine with "+", e.g. "cps4+ft3"):
   avg       each C step compresses the average of the weights over the second half of its L step (the SGD iterate
             average, a less noisy estimate of the L step's minimiser); training continues from the last iterate
   avgkeep   as avg, and training continues from the average
+  mr        momentum reset: the optimizer's momentum buffers are zeroed after every C step (the targets moved)
 """
 from __future__ import annotations
 
@@ -57,12 +58,14 @@ def tasks_for(scheme: str):
 
 
 def parse_variant(v: str) -> dict:
-    o = {"cps": 1, "qp": False, "ft": 0, "pf": 0.1, "fd": 0.005, "lr": 0.1, "cos": False, "avg": ""}
+    o = {"cps": 1, "qp": False, "ft": 0, "pf": 0.1, "fd": 0.005, "lr": 0.1, "cos": False, "avg": "", "mr": False}
     for part in v.split("+"):
         if part == "base":
             continue
         elif part == "cos":
             o["cos"] = True
+        elif part == "mr":
+            o["mr"] = True
         elif part in ("avg", "avgkeep"):
             o["avg"] = part
         elif part == "qp":
@@ -205,6 +208,10 @@ def run(scheme: str, variant: str, seed: int, epochs: int, cfg, data, ref_state)
                     alg.c_step(mu)
                 avg, n_avg, since = None, 0, 0
                 step += 1
+                if o["mr"]:
+                    for st in opt.state.values():
+                        if "momentum_buffer" in st and st["momentum_buffer"] is not None:
+                            st["momentum_buffer"].zero_()
         with alg.compressed() as m:
             curve.append(round(evaluate(m, data.x_test, data.y_test), 2))
     if o["ft"]:
