@@ -20,6 +20,7 @@ Variants (combine with "+", e.g. "cps4+ft3"):
   avg       each C step compresses the average of the weights over the second half of its L step (the SGD iterate
             average, a less noisy estimate of the L step's minimiser); training continues from the last iterate
   avgkeep   as avg, and training continues from the average
+  lbX       multiplier step X·μ instead of μ: λ ← λ − X·μ(w − Δ(Θ)) (X = 1 is the augmented Lagrangian)
   mr        momentum reset: the optimizer's momentum buffers are zeroed after every C step (the targets moved)
 """
 from __future__ import annotations
@@ -58,7 +59,7 @@ def tasks_for(scheme: str):
 
 
 def parse_variant(v: str) -> dict:
-    o = {"cps": 1, "qp": False, "ft": 0, "pf": 0.1, "fd": 0.005, "lr": 0.1, "cos": False, "avg": "", "mr": False}
+    o = {"cps": 1, "qp": False, "ft": 0, "pf": 0.1, "fd": 0.005, "lr": 0.1, "cos": False, "avg": "", "mr": False, "lb": 1.0}
     for part in v.split("+"):
         if part == "base":
             continue
@@ -66,6 +67,8 @@ def parse_variant(v: str) -> dict:
             o["cos"] = True
         elif part == "mr":
             o["mr"] = True
+        elif part.startswith("lb"):
+            o["lb"] = float(part[2:])
         elif part in ("avg", "avgkeep"):
             o["avg"] = part
         elif part == "qp":
@@ -205,7 +208,12 @@ def run(scheme: str, variant: str, seed: int, epochs: int, cfg, data, ref_state)
                             for l_, p in zip(last, wparams):
                                 p.copy_(l_)
                 else:
+                    lam_old = [t.clone() for t in alg._lambdas] if o["lb"] != 1.0 and alg._lambdas else None
                     alg.c_step(mu)
+                    if lam_old is not None:  # λ ← λ_old + X·(λ_new − λ_old)
+                        with torch.no_grad():
+                            for lo, ln in zip(lam_old, alg._lambdas):
+                                ln.copy_(lo + o["lb"] * (ln - lo))
                 avg, n_avg, since = None, 0, 0
                 step += 1
                 if o["mr"]:
