@@ -21,6 +21,7 @@ Variants (combine with "+", e.g. "cps4+ft3"):
             average, a less noisy estimate of the L step's minimiser); training continues from the last iterate
   avgkeep   as avg, and training continues from the average
   lbX       multiplier step X·μ instead of μ: λ ← λ − X·μ(w − Δ(Θ)) (X = 1 is the augmented Lagrangian)
+  lzX       the multipliers are zeroed once, after the first fraction X of the C steps (the free phase's λ dropped)
   mr        momentum reset: the optimizer's momentum buffers are zeroed after every C step (the targets moved)
 """
 from __future__ import annotations
@@ -59,7 +60,7 @@ def tasks_for(scheme: str):
 
 
 def parse_variant(v: str) -> dict:
-    o = {"cps": 1, "qp": False, "ft": 0, "pf": 0.1, "fd": 0.005, "lr": 0.1, "cos": False, "avg": "", "mr": False, "lb": 1.0}
+    o = {"cps": 1, "qp": False, "ft": 0, "pf": 0.1, "fd": 0.005, "lr": 0.1, "cos": False, "avg": "", "mr": False, "lb": 1.0, "lz": 0.0}
     for part in v.split("+"):
         if part == "base":
             continue
@@ -67,6 +68,8 @@ def parse_variant(v: str) -> dict:
             o["cos"] = True
         elif part == "mr":
             o["mr"] = True
+        elif part.startswith("lz"):
+            o["lz"] = float(part[2:])
         elif part.startswith("lb"):
             o["lb"] = float(part[2:])
         elif part in ("avg", "avgkeep"):
@@ -216,6 +219,10 @@ def run(scheme: str, variant: str, seed: int, epochs: int, cfg, data, ref_state)
                                 ln.copy_(lo + o["lb"] * (ln - lo))
                 avg, n_avg, since = None, 0, 0
                 step += 1
+                if o["lz"] and step == max(1, round(o["lz"] * steps)) and alg._lambdas:
+                    with torch.no_grad():
+                        for t_ in alg._lambdas:
+                            t_.zero_()
                 if o["mr"]:
                     for st in opt.state.values():
                         if "momentum_buffer" in st and st["momentum_buffer"] is not None:
