@@ -654,3 +654,36 @@ def test_demo_schemes_name_a_peer_that_fits_their_tasks(scheme, tmp_path):
     assert cfg.peer.method in METHODS
     model = get_model("lenet300")
     Peer(model, cfg.peer_task_map(), cfg.peer.method)  # raises if the method cannot produce these compressions
+
+
+def test_demo_runs_each_scheme_beside_its_peer(tmp_path, monkeypatch):
+    """The demo end to end on a tiny Fashion-MNIST stand-in: a scheme with a peer gets its peer's run and row, one
+    without gets none, and --no-peers skips them."""
+    import numpy as np
+    from test_data import write_idx
+
+    monkeypatch.chdir(tmp_path)
+    g = np.random.default_rng(0)
+    d = tmp_path / "fm"
+    d.mkdir()
+    for prefix, n in (("train", 128), ("t10k", 64)):
+        write_idx(d / f"{prefix}-images-idx3-ubyte", g.integers(0, 256, (n, 28, 28), dtype=np.uint8))
+        write_idx(d / f"{prefix}-labels-idx1-ubyte", g.integers(0, 10, n, dtype=np.uint8))
+    out, ref = tmp_path / "demo", tmp_path / "ref.pt"
+    argv = ["demo", "--out", str(out), "--reference", str(ref), "--schemes", "prune_5,mixed", "--steps", "1",
+            "--data-dir", str(d), "-q"]
+    rc, stdout, err = run_main(argv)
+    assert rc == 0, err
+    rows = {r["scheme"]: r for r in json.loads((out / "summary.json").read_text())}
+    p = rows["prune_5"]
+    assert p["peer"] == "gmp" and 0 <= p["peer_error"] <= 100
+    assert p["peer_ratio"] == pytest.approx(p["ratio"], rel=0.05)  # the same budget of kept weights
+    peer_res = json.loads((out / "prune_5_peer" / "results.json").read_text())
+    assert peer_res["final"]["test_error"] == p["peer_error"] and peer_res["epochs"] == 1
+    assert (out / "prune_5_peer" / "model.lcz").is_file()
+    assert rows["mixed"]["peer"] is None and not (out / "mixed_peer").exists()
+    assert "best peer %" in stdout and (out / "tradeoff.png").read_bytes()[:4] == b"\x89PNG"
+    rc, _, err = run_main(argv + ["--overwrite", "--no-peers"])
+    assert rc == 0, err
+    assert not (out / "prune_5_peer").exists()
+    assert all(r["peer"] is None for r in json.loads((out / "summary.json").read_text()))
