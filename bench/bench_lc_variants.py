@@ -59,35 +59,29 @@ def tasks_for(scheme: str):
     raise SystemExit(f"unknown scheme {scheme!r}")
 
 
+#: numeric variant parts: prefix -> (option, type), the number following the prefix (e.g. "pf0.3")
+NUMERIC = {"cps": ("cps", int), "ft": ("ft", int), "pf": ("pf", float), "fd": ("fd", float), "lr": ("lr", float),
+           "lb": ("lb", float), "lz": ("lz", float)}
+#: flag variant parts: name -> (option, value)
+FLAGS = {"qp": ("qp", True), "cos": ("cos", True), "mr": ("mr", True), "avg": ("avg", "avg"),
+         "avgkeep": ("avg", "avgkeep")}
+
+
 def parse_variant(v: str) -> dict:
-    o = {"cps": 1, "qp": False, "ft": 0, "pf": 0.1, "fd": 0.005, "lr": 0.1, "cos": False, "avg": "", "mr": False, "lb": 1.0, "lz": 0.0}
+    o = {"cps": 1, "qp": False, "ft": 0, "pf": 0.1, "fd": 0.005, "lr": 0.1, "cos": False, "avg": "", "mr": False,
+         "lb": 1.0, "lz": 0.0}
     for part in v.split("+"):
         if part == "base":
             continue
-        elif part == "cos":
-            o["cos"] = True
-        elif part == "mr":
-            o["mr"] = True
-        elif part.startswith("lz"):
-            o["lz"] = float(part[2:])
-        elif part.startswith("lb"):
-            o["lb"] = float(part[2:])
-        elif part in ("avg", "avgkeep"):
-            o["avg"] = part
-        elif part == "qp":
-            o["qp"] = True
-        elif part.startswith("cps"):
-            o["cps"] = int(part[3:])
-        elif part.startswith("ft"):
-            o["ft"] = int(part[2:])
-        elif part.startswith("pf"):
-            o["pf"] = float(part[2:])
-        elif part.startswith("fd"):
-            o["fd"] = float(part[2:])
-        elif part.startswith("lr"):
-            o["lr"] = float(part[2:])
-        else:
+        if part in FLAGS:
+            key, value = FLAGS[part]
+            o[key] = value
+            continue
+        prefix = next((q for q in sorted(NUMERIC, key=len, reverse=True) if part.startswith(q)), None)
+        if prefix is None:
             raise SystemExit(f"unknown variant part {part!r}")
+        key, kind = NUMERIC[prefix]
+        o[key] = kind(part[len(prefix):])
     return o
 
 

@@ -574,12 +574,8 @@ PEER_ALL = ["fc1.weight", "fc2.weight", "fc3.weight"]
 PRUNE = [{"params": PEER_ALL, "compression": {"type": "ConstraintL0Pruning", "fraction": 0.1}}]
 
 
-def config(ref, **sections):
-    return S.base_config(ref, **sections)
-
-
 def test_peer_section_is_validated_and_named(synth):
-    base = config("ref.pt")
+    base = S.base_config("ref.pt")
     parse_config({**base, "peer": {"method": "gmp", "lr": 0.01}})
     for peer, field in [({"method": "sgd"}, "peer.method"), ({"lr": -1.0}, "peer.lr"),
                         ({"prune_end": 1.5}, "peer.prune_end"), ({"prune_every": 0}, "peer.prune_every"),
@@ -589,7 +585,7 @@ def test_peer_section_is_validated_and_named(synth):
 
 
 def test_peer_compression_replaces_every_task(synth):
-    cfg = parse_config({**config("ref.pt"), "peer": {"method": "scaled_sign_ste",
+    cfg = parse_config({**S.base_config("ref.pt"), "peer": {"method": "scaled_sign_ste",
                                                      "compression": {"type": "ScaledBinaryQuantization"}}})
     lc_map, peer_map = cfg.task_map(), cfg.peer_task_map()
     assert list(lc_map) == list(peer_map)
@@ -601,7 +597,7 @@ def test_run_peer_is_train_peer_with_the_runs_settings(synth, tmp_path):
     """The command's run equals a hand-made train_peer call with the config's epochs, lr, decay, batch and seed;
     its file loads back into a model with the reported error."""
     root, ref = synth
-    raw = config(ref, tasks=PRUNE, schedule={"steps": 3}, optimizer={"lr": 0.05, "lr_decay": 0.9},
+    raw = S.base_config(ref, tasks=PRUNE, schedule={"steps": 3}, optimizer={"lr": 0.05, "lr_decay": 0.9},
                  peer={"method": "gmp", "lr": 0.02, "prune_every": 5})
     cfg_path = S.write_config(tmp_path / "cfg.toml", raw)
     out = tmp_path / "peer"
@@ -630,7 +626,7 @@ def test_run_peer_is_train_peer_with_the_runs_settings(synth, tmp_path):
 
 def test_existing_results_are_kept_and_bad_peers_are_exit_2(synth, tmp_path):
     _, ref = synth
-    cfg_path = S.write_config(tmp_path / "cfg.toml", config(ref, tasks=PRUNE, schedule={"steps": 1}))
+    cfg_path = S.write_config(tmp_path / "cfg.toml", S.base_config(ref, tasks=PRUNE, schedule={"steps": 1}))
     out = tmp_path / "p"
     assert run_main(["peer", str(cfg_path), "--method", "oneshot_prune", "--out", str(out), "-q"])[0] == 0
     before = (out / "results.json").read_bytes(), (out / "model.lcz").read_bytes()

@@ -102,8 +102,8 @@ def group_means(x: Tensor, idx: Tensor, k: int, fallback: Tensor | None = None) 
     counts = torch.bincount(idx, minlength=k)[:k].to(x.dtype)
     if x.device.type == "mps":  # no float64 there
         sums = torch.bincount(idx, weights=x, minlength=k)[:k]
-    elif x.dtype == torch.float64 or x.numel() <= _SUM_CHUNK:
-        sums = torch.bincount(idx, weights=x.double() if x.numel() <= _SUM_CHUNK else x, minlength=k)[:k]
+    elif x.dtype == torch.float64 or x.numel() <= _SUM_CHUNK:  # .double() is x itself for float64
+        sums = torch.bincount(idx, weights=x.double(), minlength=k)[:k]
     else:
         # bincount adds a group's members one after another in its weights' dtype: at 2^18 float32 values per group
         # the mean would be off by ~1e-3 relative. Each chunk is summed in float64 instead (a chunk-sized float64

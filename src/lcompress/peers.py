@@ -665,7 +665,8 @@ def run_peer(
         cfg: a :class:`lcompress.config.RunConfig` whose ``peer.method`` is set.
         out_dir: the run directory (created; one that already holds results is refused unless ``overwrite``).
         data: already loaded data (otherwise loaded from the config); ``data_dir`` overrides ``data.dir``.
-        progress: unused (the peer logs one line per epoch); kept for the CLI's uniform call.
+        progress: a progress bar while the reference is trained, when it has to be (the peer itself logs one line
+            per epoch).
         should_stop: polled between minibatches; True stops the run (nothing is written).
 
     Returns:
@@ -680,7 +681,7 @@ def run_peer(
     from ._io import atomic_write_text
     from ._rundir import DirectoryLock
     from .config import ConfigError
-    from .experiment import load_data, prepare_reference
+    from .experiment import _export, _sizes, load_data, prepare_reference
 
     p = cfg.peer
     if not p.method:
@@ -692,7 +693,7 @@ def run_peer(
             raise ConfigError(f"run directory {str(out)!r} already holds results; pass --overwrite or another --out")
         if data is None:
             data = load_data(cfg, data_dir)
-        model, meta = prepare_reference(cfg, data, progress=progress)
+        model, _ = prepare_reference(cfg, data, progress=progress)
         ref_err = evaluate(model, data.x_test, data.y_test)
         tasks = cfg.peer_task_map()
         epochs = cfg.schedule.steps * cfg.schedule.epochs_per_step
@@ -708,7 +709,6 @@ def run_peer(
             )
         except (TypeError, ValueError) as e:  # a task the method cannot train, or a bad option
             raise ConfigError(f"peer.method={p.method!r}: {e}") from None
-        sizes = res.sizes
         results: dict[str, Any] = {
             "name": cfg.name,
             "method": p.method,
@@ -717,14 +717,12 @@ def run_peer(
             "epochs": epochs,
             "seed": cfg.seed,
             "reference": {"checkpoint": cfg.reference.checkpoint, "test_error": ref_err},
-            "final": {"test_error": res.test_error, "ratio": sizes["ratio"],
-                      "compressed_bits": sizes["compressed_bits"], "reference_bits": sizes["reference_bits"]},
+            "final": {"test_error": res.test_error, **_sizes(res.sizes)},
             "dc_max_abs_diff": res.dc_max_abs_diff,
             "history": res.history,
             "seconds": res.seconds,
         }
-        res.lc.export(out / "model.lcz")
-        results["final"]["file_bytes"] = (out / "model.lcz").stat().st_size
+        _export(res.lc, out / "model.lcz", results)
         atomic_write_text(json.dumps(results, indent=2), out / "results.json")
-    logger.info("%s: test error %.2f%%, ratio %.1f", p.method, res.test_error, sizes["ratio"])
+    logger.info("%s: test error %.2f%%, ratio %.1f", p.method, res.test_error, res.sizes["ratio"])
     return results
