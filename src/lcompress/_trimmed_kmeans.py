@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["trimmed_kmeans_1d"]
+__all__ = ["WeightedPoints", "top_errors", "trimmed_kmeans_1d"]
 
 _EXACT_POINTS = 1 << 16
 _BINS = 1 << 16
@@ -34,44 +34,140 @@ _COARSE = 256
 _RESTARTS = 3
 _START_TOL = 1e-6
 _COLD_START_EVALS = 50
+#: from this codebook size on, WeightedPoints.nearest looks codes up by bin instead of comparing K − 1 times
+_BIN_NEAREST_K = 8
 
 
-def _points(x: Tensor) -> tuple[Tensor, Tensor, bool]:
-    """Sorted values (B,), prefix sums (B + 1, 3) of their count, sum and sum of squares (float64), and whether
-    every point is one value (else a histogram bin holding several)."""
-    xf = x.reshape(-1)
-    if xf.numel() <= _EXACT_POINTS:
-        v = torch.sort(xf.double()).values
-        parts = torch.stack([torch.ones_like(v), v, v * v], 1)
-        unit = True
+class WeightedPoints:
+    """x as sorted weighted points: the sorted values themselves for up to 2¹⁶ of them (``unit``), else the means
+    of a 2¹⁶-bin equal-width histogram's occupied bins. ``v`` (B,) the points, ``prefix`` (B + 1, 3) the prefix
+    sums of their count, sum and sum of squares (float64). For a histogram, ``bins`` keeps each value's bin, from
+    which :meth:`nearest` finds nearest-centre codes of x in a few passes whatever the codebook size."""
+
+    def __init__(self, x: Tensor) -> None:
+        xf = x.reshape(-1)
+        self.numel, self.dtype = xf.numel(), xf.dtype
+        self.bins = None
+        if xf.numel() <= _EXACT_POINTS:
+            v = torch.sort(xf.double()).values
+            parts = torch.stack([torch.ones_like(v), v, v * v], 1)
+            self.unit = True
+        else:
+            lo, hi = torch.aminmax(xf)
+            width = (hi - lo).clamp_min(torch.finfo(xf.dtype).tiny) / _BINS
+            self.lo, self.width = lo, width
+            scratch = torch.empty_like(xf)  # one temporary for the quotients, then the squares
+            b = self._bin(xf, scratch)
+            # per-bin sums in x's precision (a bin holds few values), everything after in float64
+            cnt = torch.bincount(b, minlength=_BINS).double()
+            sm = torch.bincount(b, weights=xf, minlength=_BINS).double()
+            sq = torch.bincount(b, weights=torch.mul(xf, xf, out=scratch), minlength=_BINS).double()
+            del scratch
+            occupied = cnt > 0
+            cnt, sm, sq = cnt[occupied], sm[occupied], sq[occupied]
+            v = sm / cnt
+            parts = torch.stack([cnt, sm, sq], 1)
+            self.unit = False
+            self.bins = b
+        self.v = v
+        self.prefix = torch.cat([parts.new_zeros(1, 3), torch.cumsum(parts, 0)])
+
+    def _bin(self, y: Tensor, out: Tensor | None = None) -> Tensor:
+        """The histogram bin of each value of y: a non-decreasing function of the value (every step is), the same
+        for x and for any other tensor of its dtype (a midpoint, say). The quotient is clamped before the
+        conversion so that values far outside x's range, which x's own quotients never reach, stay monotone.
+        ``out``: a scratch tensor like y for the quotients."""
+        q = torch.sub(y, self.lo, out=out) if out is not None else y - self.lo
+        q.div_(self.width).clamp_(-1.0, float(_BINS))
+        return q.to(torch.int32).clamp_(0, _BINS - 1)
+
+    def nearest(self, x: Tensor, c: Tensor) -> Tensor:
+        """:func:`lcompress.functional.nearest_in_codebook` (x, c), code for code, where x is the tensor these
+        points were made of and c is sorted ascending, in x's dtype.
+
+        A midpoint m of c and a value in another bin compare as their bins do (the bin is non-decreasing in the
+        value), so each bin's code is the number of midpoints in lower bins, plus, in the bin holding a
+        midpoint, whether the value lies above it: two gathers and a compare instead of K − 1 compares. Falls
+        back to the compares when two midpoints share a bin, when c is not finite, for K > 256, and where those
+        few compares cost less (K < 8)."""
+        from .functional import nearest_in_codebook
+
+        k = c.numel()
+        if self.bins is None or k < _BIN_NEAREST_K or k > 256:
+            return nearest_in_codebook(x, c)
+        xf = x.reshape(-1)
+        mids = (c[1:] + c[:-1]) * 0.5  # as nearest_in_codebook computes them
+        mb = self._bin(mids)
+        if not bool(torch.isfinite(mids).all()) or bool((mb[1:] == mb[:-1]).any()):
+            return nearest_in_codebook(x, c)
+        below = torch.searchsorted(mb, torch.arange(_BINS, dtype=torch.int32, device=mb.device), right=False)
+        below = below.to(torch.uint8)
+        thr = torch.full((_BINS,), float("inf"), dtype=xf.dtype, device=xf.device)
+        thr[mb.long()] = mids
+        idx = torch.index_select(below, 0, self.bins)
+        idx += xf > torch.index_select(thr, 0, self.bins)
+        return idx.reshape(x.shape)
+
+
+def top_errors(e: Tensor, kappa: int, below: float | None = None) -> Tensor:
+    """Indices, ascending, of the κ largest values of the flat tensor e (ties between equal values broken by
+    position): the support of the ℓ0 pruning's exact C step when e = |w − Δ|.
+
+    With ``below``, a value that at least κ values of e are believed to exceed, only those above it are ranked
+    (a compare pass and a selection among a few more than κ values instead of among all n); every other value is
+    at most ``below`` and so smaller than each of them, which keeps the result exact. When fewer than κ values
+    exceed it, all n are ranked.
+    """
+    ef = e.reshape(-1)
+    n = ef.numel()
+    if kappa <= 0:
+        return torch.zeros(0, dtype=torch.int64, device=e.device)
+    if kappa >= n:
+        return torch.arange(n, device=e.device)
+    cand = None
+    if below is not None:
+        cand = torch.nonzero(ef > below).reshape(-1)
+        if cand.numel() < kappa:
+            cand = None
+    if cand is None:
+        cand = torch.arange(n, device=e.device)
+        ec = ef
     else:
-        lo, hi = torch.aminmax(xf)
-        width = (hi - lo).clamp_min(torch.finfo(xf.dtype).tiny) / _BINS
-        b = ((xf - lo) / width).to(torch.int32).clamp_(0, _BINS - 1)
-        # per-bin sums in x's precision (a bin holds few values), everything after in float64
-        cnt = torch.bincount(b, minlength=_BINS).double()
-        sm = torch.bincount(b, weights=xf, minlength=_BINS).double()
-        sq = torch.bincount(b, weights=xf * xf, minlength=_BINS).double()
-        occupied = cnt > 0
-        cnt, sm, sq = cnt[occupied], sm[occupied], sq[occupied]
-        v = sm / cnt
-        parts = torch.stack([cnt, sm, sq], 1)
-        unit = False
-    prefix = torch.cat([parts.new_zeros(1, 3), torch.cumsum(parts, 0)])
-    return v, prefix, unit
+        if cand.numel() == kappa:
+            return cand
+        ec = ef[cand]
+    kth = torch.kthvalue(ec, ec.numel() - kappa + 1).values  # the κ-th largest
+    above = ec > kth
+    ties = ec == kth
+    need = kappa - int(above.sum())
+    keep = above | (ties & (torch.cumsum(ties, 0) <= need))
+    return cand[keep]
 
 
 class _Trimmed:
     """Trimmed k-means on sorted weighted points; :meth:`step` is one Lloyd iteration."""
 
-    def __init__(self, v: Tensor, prefix: Tensor, unit: bool, kappa: int) -> None:
-        self.v, self.prefix, self.unit, self.kappa = v, prefix, unit, int(kappa)
-        self.counts = prefix[1:, 0] - prefix[:-1, 0]
+    def __init__(self, points: WeightedPoints, kappa: int) -> None:
+        self.points = points
+        self.v, self.prefix, self.unit, self.kappa = points.v, points.prefix, points.unit, int(kappa)
+        v = self.v
+        self.counts = self.prefix[1:, 0] - self.prefix[:-1, 0]
         self.nb = v.numel()
         # a relative widening of τ that keeps the point defining it inside its window despite rounding
         self.widen = 1.0 + 64 * torch.finfo(v.dtype).eps
         self._zero = torch.zeros(1, dtype=torch.int64, device=v.device)
         self._end = torch.full((1,), self.nb, dtype=torch.int64, device=v.device)
+
+    def _edge(self, err: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Weighted points: the histogram of the errors in _BUCKETS buckets of width top / _BUCKETS, and i, the
+        smallest bucket edge with at most κ points at or above it: (i, top, above) with above[i] the number of
+        points in buckets ≥ i."""
+        top = err.max().clamp_min(1e-300)
+        bucket = (err * (_BUCKETS / top)).to(torch.int64).clamp_(0, _BUCKETS - 1)
+        per = torch.bincount(bucket, weights=self.counts, minlength=_BUCKETS)
+        above = torch.flip(torch.cumsum(torch.flip(per, [0]), 0), [0])  # above[i]: points in buckets ≥ i
+        i = torch.searchsorted(-above, above.new_full((1,), -float(self.kappa))).clamp_(1, _BUCKETS - 1)
+        return i, top, above
 
     def _tau(self, err: Tensor) -> tuple[Tensor, Tensor]:
         """τ (points with error ≤ τ are kept) and the number of points beyond τ minus κ (≤ 0)."""
@@ -82,13 +178,22 @@ class _Trimmed:
             return torch.kthvalue(err, self.nb - self.kappa).values, zero
         # weighted points: the smallest edge τ_i = i·top/N of a histogram of the errors with at most κ points at
         # or above it; the points short of κ are charged at τ_i (they lie just below it)
-        top = err.max().clamp_min(1e-300)
-        bucket = (err * (_BUCKETS / top)).to(torch.int64).clamp_(0, _BUCKETS - 1)
-        per = torch.bincount(bucket, weights=self.counts, minlength=_BUCKETS)
-        above = torch.flip(torch.cumsum(torch.flip(per, [0]), 0), [0])  # above[i]: points in buckets ≥ i
-        i = torch.searchsorted(-above, above.new_full((1,), -float(self.kappa))).clamp_(1, _BUCKETS - 1)
+        i, top, above = self._edge(err)
         tau = (i.to(err.dtype) * (top / _BUCKETS)).reshape(())
         return tau / self.widen, (above[i] - self.kappa).reshape(())
+
+    def lower_bound(self, c: Tensor) -> float:
+        """A value that more than κ of x's values exceed in distance to their nearest centre of c (computed in
+        x's dtype), for :func:`top_errors`: the (κ + 1)-th largest point error, less a bucket for a histogram of
+        the errors, less a bin width for the distance of a value to its bin's mean, less a margin for rounding."""
+        err = self.errors(c)[0]
+        scale = float(torch.maximum(self.v.abs().max(), c.abs().max()))
+        if self.unit:
+            kth = float(torch.kthvalue(err, self.nb - self.kappa).values)
+            return kth - 1e-6 * (scale + kth)
+        i, top, _ = self._edge(err)
+        below = float((i - 1).to(err.dtype) * (top / _BUCKETS))  # more than κ points are at or above it
+        return below - float(self.points.width) - 1e-6 * (scale + below)
 
     def errors(self, c: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Each point's distance to its nearest centre, and the cells as ranges [starts_j, ends_j) of the sorted
@@ -232,9 +337,16 @@ def trimmed_kmeans_1d(
     Returns:
         (k,) codebook sorted ascending, in ``x``'s dtype and on its device.
     """
-    v, prefix, unit = _points(x)
-    problem = _Trimmed(v, prefix, unit, kappa)
-    table = _coarse_table(v, prefix) if init is None or kappa > 0 else None
+    return fit(WeightedPoints(x), k, kappa, init, max_iter, tol)[0].to(x.dtype)
+
+
+def fit(points: WeightedPoints, k: int, kappa: int, init: Tensor | None = None, max_iter: int = 300,
+        tol: float = 1e-9) -> tuple[Tensor, float]:
+    """:func:`trimmed_kmeans_1d` on the points of x: (codebook in x's dtype, a value that more than κ of the
+    values of x exceed in distance to their nearest centre, see :meth:`_Trimmed.lower_bound`; −inf for κ = 0)."""
+    v = points.v
+    problem = _Trimmed(points, kappa)
+    table = _coarse_table(v, points.prefix) if init is None or kappa > 0 else None
     if init is None:
         first = _coarse_optimum(table, k, None)
     else:
@@ -262,4 +374,6 @@ def trimmed_kmeans_1d(
             break
         best = other
     best = _lloyd(problem, best[1], max_iter, tol)
-    return best[1].to(x.dtype)
+    dtype = points.dtype
+    c = best[1].to(dtype)
+    return c, (problem.lower_bound(c.double()) if kappa > 0 else float("-inf"))

@@ -108,10 +108,11 @@ class AdditiveCombination(Compression):
         self.last_rounds = 0
         pair = self._trimmed_pair(w.numel())
         if pair is not None:
-            self._compress_trimmed(w, mu, *pair)
-        else:
-            deltas = [torch.zeros_like(w) for _ in self.parts]
-            self._alternate(w, mu, deltas, torch.zeros_like(w), None, self.rounds)
+            out = self._compress_trimmed(w, mu, *pair)
+            self._theta = {f"part{i}": p.theta for i, p in enumerate(self.parts)}
+            return out  # summed as decompress() sums it
+        deltas = [torch.zeros_like(w) for _ in self.parts]
+        self._alternate(w, mu, deltas, torch.zeros_like(w), None, self.rounds)
         self._theta = {f"part{i}": p.theta for i, p in enumerate(self.parts)}
         # Δ summed as decompress() sums it, so that what LC uses is bit for bit what a file decodes to
         return self._sum(tuple(w.shape))
@@ -164,7 +165,7 @@ class AdditiveCombination(Compression):
                 return qi, pi
         return None
 
-    def _compress_trimmed(self, w: Tensor, mu: float, qi: int, pi: int) -> None:
+    def _compress_trimmed(self, w: Tensor, mu: float, qi: int, pi: int) -> Tensor:
         """C step of quantization + ℓ0 pruning. Given the codebook, the pruning part's exact C step takes the κ
         largest quantization errors, so the problem is trimmed k-means: its Lloyd iterations
         (:func:`lcompress._trimmed_kmeans.trimmed_kmeans_1d`) fit the codebook to the kept weights only, from
@@ -174,40 +175,84 @@ class AdditiveCombination(Compression):
 
         Then rounds on the exact weights, each the pruning part's exact C step on its residual and a Lloyd step of
         the codebook on its own residual (nearest codes, each centre the mean of its weights), until a round
-        improves ‖w − Δ‖² by at most ``tol`` (relative) or ``rounds`` rounds; the best state is kept."""
+        improves ‖w − Δ‖² by at most ``tol`` (relative) or ``rounds`` rounds; the best state is kept. Returns
+        the sum's Δ, as :meth:`_sum` computes it.
+
+        Each pass is done once: the codes come from the histogram's bins
+        (:meth:`lcompress._trimmed_kmeans.WeightedPoints.nearest`), and in the first Lloyd step they are those
+        of the round before except at the κ pruned weights (the residual is w elsewhere and the codebook has
+        not moved); the top-κ ranks only the errors above a bound that more than κ of them exceed
+        (:func:`lcompress._trimmed_kmeans.top_errors`: from the histogram, then from the last round's κ-th
+        largest error less the largest move of a centre). Both give exactly what the parts' own C steps give.
+        """
         from .. import functional as F
-        from .._trimmed_kmeans import trimmed_kmeans_1d
+        from .._trimmed_kmeans import WeightedPoints, fit, top_errors
 
         q, p = self.parts[qi], self.parts[pi]
         flat = w.reshape(-1)
-        k = q.k
-        kappa = p.kappa_for(flat.numel())
-        init = None  # cold: trimmed_kmeans_1d starts from the coarse optimum
+        n, k = flat.numel(), q.k
+        kappa = p.kappa_for(n)
+        init = None  # cold: the trimmed k-means starts from the coarse optimum
         if q.is_compressed and q.theta["codebook"].numel() == k:
             init = q.theta["codebook"].to(w.device)  # warm start: the last C step's codebook
-        c = trimmed_kmeans_1d(flat, k, kappa, init)
-        codes = F.nearest_in_codebook(flat, c)
+        points = WeightedPoints(flat)
+        c, below = fit(points, k, kappa, init)
+        codes = points.nearest(flat, c)
+        codes_for = c  # the codebook whose nearest codes on w − Δ_p (on w but at the pruned weights) codes are
+        # full-length buffers reused by every round: a fresh 4-byte-per-weight temporary costs about as much as
+        # the pass that fills it (the allocator hands large blocks back to the system and they fault in again)
+        codes32 = codes.reshape(-1).to(torch.int32)
+        dq, resid, e = torch.empty_like(flat), torch.empty_like(flat), torch.empty_like(flat)
+        rq = None
         best, prev = None, None
         for r in range(self.rounds):
             if r > 0:
-                # the quantization's Lloyd step on its residual (means of nearest-assigned sorted clusters stay
-                # sorted, so the codes still index c)
-                rq = (w - dp).reshape(-1)
-                codes = F.nearest_in_codebook(rq, c)
+                # the quantization's Lloyd step on its residual rq = w − Δ_p, which is w but at the κ pruned
+                # weights (means of nearest-assigned sorted clusters stay sorted, so the codes still index c)
+                if rq is None:
+                    rq = torch.empty_like(flat)
+                rq.copy_(flat)
+                rq[idx] = flat[idx] - kept
+                if codes_for is c:
+                    codes = codes.clone()
+                else:
+                    codes = points.nearest(flat, c).reshape(-1)
+                    codes32.copy_(codes)
+                near = F.nearest_in_codebook(rq[idx], c).to(codes.dtype)
+                codes[idx] = near
+                codes32[idx] = near.to(torch.int32)
+                old = c
                 c, _ = F.group_means(rq, codes, k, fallback=c)
-            dq = q._set(c, codes.reshape(w.shape))
-            q._shape = tuple(w.shape)
-            dp = p.compress(w - dq, mu, check=False)
-            d = float(torch.sum((w - dq - dp) ** 2))
+                codes_for = old
+                # an error moves by at most the largest move of a centre (where the code stays)
+                below = kth - float((c - old).abs().max()) - 1e-6 * (abs(kth) + float(c.abs().max()))
+            torch.index_select(c, 0, codes32, out=dq)
+            torch.sub(flat, dq, out=resid)
+            torch.abs(resid, out=e)
+            idx = top_errors(e, kappa, below)  # the pruning part's exact C step on w − Δ_q
+            values = resid[idx]
+            kept = values.to(p.value_dtype).float()  # Δ_p there, as the pruning part stores it
+            kth = float(e[idx].min()) if idx.numel() else 0.0
+            # ‖w − Δ_q − Δ_p‖²: the errors, but the pruned weights' rounding errors at the pruned ones
+            e[idx] = values - kept
+            d = float(torch.sum(e.square_()))
             self.last_rounds = r + 1
+            state = (d, c, codes, idx, values)
             if best is None or d < best[0]:
-                best = (d, [x.state_dict() for x in self.parts])
+                best = state
             if prev is not None and prev - d <= self.tol * max(prev, 1e-30):
                 break
             prev = d
-        if best[0] < d:
-            for x, st in zip(self.parts, best[1]):
-                x.load_state_dict(st)
+        # the last state unless an earlier one was strictly better
+        last = best[0] >= d
+        _, c, codes, idx, values = state if last else best
+        q._set(c, codes.reshape(w.shape), decode=False)
+        q._shape = tuple(w.shape)
+        if not last:
+            torch.index_select(c, 0, codes.reshape(-1).to(torch.int32), out=dq)
+        out = p._set(idx, values, n, w.shape)
+        p._shape = tuple(w.shape)
+        return out.add_(dq.reshape(w.shape))  # Δ_p + Δ_q = Δ_q + Δ_p, as decompress() sums it
 
     def _decompress(self) -> Tensor:
         return self._sum(self._shape)

@@ -35,7 +35,9 @@ class _Codebook(Compression, register=False):
 
     codec = CodebookCodec("all")
 
-    def _set(self, codebook: Tensor, codes: Tensor) -> Tensor:
+    def _set(self, codebook: Tensor, codes: Tensor, decode: bool = True) -> Tensor | None:
+        """Θ ← (codebook, codes); return Δ(Θ) in codes' shape (None with ``decode=False``, for a caller that
+        has it already)."""
         k = codebook.numel()
         codebook = codebook.float()
         if not bool(torch.isfinite(codebook).all()):  # K values: a cheap last guard, so no file holds ±inf
@@ -44,7 +46,7 @@ class _Codebook(Compression, register=False):
                 "are too large for float32 arithmetic"
             )
         self._theta = {"codebook": codebook, "codes": codes.reshape(-1).to(_codes_dtype(k))}
-        return self._decompress_shape(codes.shape)
+        return self._decompress_shape(codes.shape) if decode else None
 
     def _decompress_shape(self, shape) -> Tensor:
         th = self._theta
