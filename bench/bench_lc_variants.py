@@ -23,6 +23,14 @@ Variants (combine with "+", e.g. "cps4+ft3"):
   lbX       multiplier step X·μ instead of μ: λ ← λ − X·μ(w − Δ(Θ)) (X = 1 is the augmented Lagrangian)
   lzX       the multipliers are zeroed once, after the first fraction X of the C steps (the free phase's λ dropped)
   mr        momentum reset: the optimizer's momentum buffers are zeroed after every C step (the targets moved)
+  pl        per-layer μ: one LC object per compressed layer, each with its own auto schedule fitted to that layer
+            alone (κ_l = 2ΔL_l/‖w_l − Δ_l‖², ΔL_l the loss increase of compressing only layer l)
+  prox      the penalty is applied as an exact proximal step after each optimizer step,
+            w ← (w + ημ t)/(1 + ημ) with t = Δ + λ/μ (decoupled from momentum, as AdamW decouples weight decay),
+            instead of through the loss's gradient
+  wuN       linear lr warm-up from lr/10 to lr over the first N epochs
+  holdX     μ stays at μ₀ for the first fraction X of the C steps, then grows geometrically to the same μ_T
+            (lcompress.auto_schedule(..., hold=X); config schedule.hold)
 """
 from __future__ import annotations
 
@@ -61,15 +69,15 @@ def tasks_for(scheme: str):
 
 #: numeric variant parts: prefix -> (option, type), the number following the prefix (e.g. "pf0.3")
 NUMERIC = {"cps": ("cps", int), "ft": ("ft", int), "pf": ("pf", float), "fd": ("fd", float), "lr": ("lr", float),
-           "lb": ("lb", float), "lz": ("lz", float)}
+           "lb": ("lb", float), "lz": ("lz", float), "wu": ("wu", int), "hold": ("hold", float)}
 #: flag variant parts: name -> (option, value)
-FLAGS = {"qp": ("qp", True), "cos": ("cos", True), "mr": ("mr", True), "avg": ("avg", "avg"),
+FLAGS = {"qp": ("qp", True), "cos": ("cos", True), "mr": ("mr", True), "pl": ("pl", True), "prox": ("prox", True), "avg": ("avg", "avg"),
          "avgkeep": ("avg", "avgkeep")}
 
 
 def parse_variant(v: str) -> dict:
     o = {"cps": 1, "qp": False, "ft": 0, "pf": 0.1, "fd": 0.005, "lr": 0.1, "cos": False, "avg": "", "mr": False,
-         "lb": 1.0, "lz": 0.0}
+         "lb": 1.0, "lz": 0.0, "pl": False, "prox": False, "wu": 0, "hold": 0.0}
     for part in v.split("+"):
         if part == "base":
             continue
@@ -147,8 +155,103 @@ def _finetune(model, alg, data, gen, epochs: int, lr0: float, first_epoch: int) 
                         o += m
 
 
+def _sgd_and_data_order(model, o: dict, seed: int, data):
+    """The L steps' optimizer and data order (seed s: minibatches from a generator seeded s + 1), the batches per
+    epoch and per C step."""
+    opt = torch.optim.SGD(model.parameters(), lr=o["lr"], momentum=0.9, nesterov=True)
+    gen = torch.Generator().manual_seed(seed + 1)
+    torch.manual_seed(seed + 2)
+    n_batches = math.ceil(len(data.x_train) / 256)
+    return opt, gen, n_batches, math.ceil(n_batches / o["cps"])
+
+
+def run_layers(scheme: str, o: dict, variant: str, seed: int, epochs: int, cfg, data, ref_state) -> dict:
+    """The pl / prox / wu / hold variants: a list of LC objects (one for all layers, or one per layer with pl),
+    each with its own μ schedule."""
+    from contextlib import ExitStack
+
+    if o["avg"] or o["lb"] != 1.0 or o["lz"] or o["qp"] or (o["ft"] and o["pl"]):
+        raise SystemExit(f"variant {variant!r}: pl/prox/wu/hold do not combine with avg/lb/lz/qp (nor pl with ft)")
+    model = build_model(cfg)
+    model.load_state_dict(ref_state)
+    t0 = time.perf_counter()
+    tasks = tasks_for(scheme)
+    if o["pl"]:
+        if len(tasks) != 1 or not isinstance(next(iter(tasks)), str):
+            raise SystemExit("pl needs a per-layer scheme (q2, q4, sb)")
+        comp = next(iter(tasks.values()))
+        algs = [lc.LC(model, {n: type(comp)(**comp._config())}) for n in LAYERS]
+    else:
+        algs = [lc.LC(model, tasks)]
+    with ExitStack() as st:
+        for a_ in algs:
+            st.enter_context(a_.compressed())
+        dc = evaluate(model, data.x_test, data.y_test)
+    lc_epochs = epochs - o["ft"]
+    steps = lc_epochs * o["cps"]
+    total_batches = lc_epochs * math.ceil(len(data.x_train) / 256)
+    sched = []
+    for a_ in algs:
+        loss, loss_dc, gnorm = measure_loss_and_grad(model, a_, data.x_train, data.y_train)
+        sched.append(lc.auto_schedule(a_, steps, loss_dc - loss, gnorm, penalty_fraction=o["pf"],
+                                      final_distance=o["fd"], hold=o["hold"]))
+    opt, gen, n_batches, per = _sgd_and_data_order(model, o, seed, data)
+    curve = []
+    step = 0
+    for epoch in range(lc_epochs):
+        lr_e = o["lr"] * 0.98**epoch
+        for i, (xb, yb) in enumerate(batches(data.x_train, data.y_train, 256, shuffle=True, generator=gen)):
+            lr_b = lr_e
+            if o["cos"]:
+                lr_b = o["lr"] * 0.5 * (1 + math.cos(math.pi * (epoch * n_batches + i) / total_batches))
+            if o["wu"] and epoch < o["wu"]:
+                lr_b = lr_e * (0.1 + 0.9 * (epoch * n_batches + i) / (o["wu"] * n_batches))
+            mus_now = [s_[step] for s_ in sched]
+            lr_b = min(lc.clip_lr(lr_b, m) for m in mus_now)
+            for g in opt.param_groups:
+                g["lr"] = lr_b
+            loss = F.cross_entropy(model(xb), yb)
+            if not o["prox"]:
+                loss = loss + sum(a_.penalty(m) for a_, m in zip(algs, mus_now))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if o["prox"]:
+                with torch.no_grad():
+                    for a_, m in zip(algs, mus_now):
+                        lams = a_._lambdas or [None] * len(a_._params)
+                        for p_, d_, l_ in zip(a_._params, a_._deltas, lams):
+                            t_ = d_ if l_ is None else d_ + l_ / m
+                            p_.add_(t_, alpha=lr_b * m).div_(1 + lr_b * m)
+            if (i + 1) % per == 0 or i + 1 == n_batches:
+                for a_, m in zip(algs, mus_now):
+                    a_.c_step(m)
+                step += 1
+                if o["mr"]:
+                    for st_ in opt.state.values():
+                        if st_.get("momentum_buffer") is not None:
+                            st_["momentum_buffer"].zero_()
+        with ExitStack() as st:
+            for a_ in algs:
+                st.enter_context(a_.compressed())
+            curve.append(round(evaluate(model, data.x_test, data.y_test), 2))
+    if o["ft"]:
+        _finetune(model, algs[0], data, gen, o["ft"], o["lr"] * 0.98**lc_epochs * 0.1, lc_epochs)
+        curve.append(round(evaluate(model, data.x_test, data.y_test), 2))
+    err = curve[-1]
+    return {
+        "scheme": scheme, "variant": variant, "seed": seed, "epochs": epochs, "test_error": round(err, 3),
+        "dc_error": round(dc, 3), "mu0": [s_[0] for s_ in sched], "mu_last": [s_[-1] for s_ in sched],
+        "ratio": algs[0].size_report()["ratio"] if not o["pl"] else None,  # pl: the same compression as without it
+        "feasibility": [a_.check_feasible(warn=False) for a_ in algs], "curve": curve,
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+
+
 def run(scheme: str, variant: str, seed: int, epochs: int, cfg, data, ref_state) -> dict:
     o = parse_variant(variant)
+    if o["pl"] or o["prox"] or o["wu"] or o["hold"]:
+        return run_layers(scheme, o, variant, seed, epochs, cfg, data, ref_state)
     model = build_model(cfg)
     model.load_state_dict(ref_state)
     t0 = time.perf_counter()
@@ -159,11 +262,7 @@ def run(scheme: str, variant: str, seed: int, epochs: int, cfg, data, ref_state)
     steps = lc_epochs * o["cps"]
     loss, loss_dc, gnorm = measure_loss_and_grad(model, alg, data.x_train, data.y_train)
     mus = lc.auto_schedule(alg, steps, loss_dc - loss, gnorm, penalty_fraction=o["pf"], final_distance=o["fd"])
-    opt = torch.optim.SGD(model.parameters(), lr=o["lr"], momentum=0.9, nesterov=True)
-    gen = torch.Generator().manual_seed(seed + 1)
-    torch.manual_seed(seed + 2)
-    n_batches = math.ceil(len(data.x_train) / 256)
-    per = math.ceil(n_batches / o["cps"])
+    opt, gen, n_batches, per = _sgd_and_data_order(model, o, seed, data)
     curve = []
     step = 0
     wparams = [p for n, p in model.named_parameters() if n in LAYERS]

@@ -66,3 +66,27 @@ def test_auto_schedule_argument_errors():
         lc.auto_schedule(alg, 5, loss_fn=loss_fn, batches=[])
     with pytest.raises(ValueError, match=r"loss_fn\(model, batches\[0\]\) must return a finite 0-d tensor"):
         lc.auto_schedule(alg, 5, loss_fn=lambda m, b: m(b[0]), batches=[(x, y)])
+
+
+@pytest.mark.parametrize("hold, held", [(0.0, 0), (0.5, 10), (0.33, 7), (0.99, 18)])  # at most steps - 2 held: the last μ is still μ_T
+def test_auto_schedule_hold_keeps_mu0_then_grows_geometrically_to_the_same_last_mu(hold, held):
+    model, alg, x, y = _setup()
+    dl, gn, pf, fd = 0.2, 0.7, 1.0, 0.01
+    mus = lc.auto_schedule(alg, 20, dl, gn, penalty_fraction=pf, final_distance=fd, hold=hold)
+    # independent: the schedule's formulas from the weights and their direct compression
+    d = alg.decompressed()
+    d0 = sum(float((p.detach().double() - d[n].double()).pow(2).sum()) for n, p in model.named_parameters() if n in d)
+    mu0 = pf * 2 * dl / d0
+    mu_t = max(gn / (fd * math.sqrt(d0)), 100 * mu0)
+    assert len(mus) == 20
+    assert mus[:held + 1] == pytest.approx([mu0] * (held + 1), rel=1e-6)  # D0: a float32 sum
+    assert mus[-1] == pytest.approx(mu_t, rel=1e-6)
+    ratios = [b / a for a, b in zip(mus[held:], mus[held + 1:])]
+    assert ratios == pytest.approx([(mu_t / mu0) ** (1 / (19 - held))] * (19 - held), rel=1e-6)
+
+
+def test_auto_schedule_hold_errors_name_the_value():
+    model, alg, x, y = _setup()
+    for bad in (1.0, -0.1, float("nan"), True, "0.5"):
+        with pytest.raises(ValueError, match=r"hold=.* must be a number in \[0, 1\)"):
+            lc.auto_schedule(alg, 5, 0.1, 1.0, hold=bad)

@@ -110,6 +110,7 @@ class ScheduleConfig:
     c_steps_per_step: int = 1  # C steps per LC step: its minibatches split into this many parts, each its own μ
     penalty_fraction: float = 0.1  # auto: μ₀ makes the first penalty this fraction of the loss
     final_distance: float = 0.005  # auto: target ‖w − Δ‖ / ‖w − Δ_DC‖ at the end
+    hold: float = 0.0  # auto: fraction of the C steps kept at μ₀ before μ grows
 
 
 @dataclass
@@ -553,6 +554,8 @@ def parse_config(raw: dict[str, Any], source: str | None = None, trust_code: boo
         raise ConfigError(f"schedule.penalty_fraction={s.penalty_fraction}: must be > 0")
     if not 0 < s.final_distance < 1:
         raise ConfigError(f"schedule.final_distance={s.final_distance}: must be in (0, 1)")
+    if not 0 <= s.hold < 1:
+        raise ConfigError(f"schedule.hold={s.hold}: must be in [0, 1)")
     o = cfg.optimizer
     if not o.lr > 0:
         raise ConfigError(f"optimizer.lr={o.lr}: must be > 0")

@@ -74,9 +74,12 @@ SCHEDULES: dict[str, dict[str, Any]] = {
 }
 
 #: auto-schedule settings measured better for a scheme than BASE's (bench/lc_seeds_2026-12-02.json, seeds 0-4):
-#: joint pruning starts at μ₀ = 0.03κ (mean 10.49%, against 10.54 at 0.1κ, 10.69 at 0.3κ and 11.00 at κ)
+#: joint pruning starts at μ₀ = 0.03κ (mean 10.49%, against 10.54 at 0.1κ, 10.69 at 0.3κ and 11.00 at κ); 1 bit per
+#: layer holds μ₀ = κ for the first half of the C steps (mean 10.35%, against 10.65 without; K=4 and 1 bit + 1% were
+#: worse with it: 10.36 against 10.11 and 10.10 against 10.01, means of seeds 0-1)
 TUNED: dict[str, dict[str, Any]] = {
     "prune_5": {"penalty_fraction": 0.03},
+    "quantize_all": {"hold": 0.5},
 }
 
 #: the best peer of each scheme that has one (bench/peers_2026-12-02.json: best of STE codebook / scaled-sign STE /

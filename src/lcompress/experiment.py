@@ -239,9 +239,11 @@ def _mu_schedule(cfg: RunConfig, alg: LC | None, model: nn.Module, data: Dataset
     assert alg is not None, "an auto schedule is measured on the LC object's direct compression"
     loss, loss_dc, gnorm = measure_loss_and_grad(model, alg, data.x_train.to(cfg.device), data.y_train.to(cfg.device))
     mus = auto_schedule(alg, s.steps * s.c_steps_per_step, loss_dc - loss, gnorm, penalty_fraction=s.penalty_fraction,
-                        final_distance=s.final_distance)
-    logger.info("auto schedule: loss %.4g -> %.4g at DC, |grad L(DC)| %.4g -> mu0 %.4g, factor %.4f, last mu %.4g",
-                loss, loss_dc, gnorm, mus[0], (mus[1] / mus[0]) if len(mus) > 1 else 1.0, mus[-1])
+                        final_distance=s.final_distance, hold=s.hold)
+    held = sum(1 for m in mus if m == mus[0])
+    logger.info("auto schedule: loss %.4g -> %.4g at DC, |grad L(DC)| %.4g -> mu0 %.4g (held %d of %d C steps), "
+                "factor %.4f, last mu %.4g", loss, loss_dc, gnorm, mus[0], held, len(mus),
+                (mus[-1] / mus[-2]) if len(mus) > 1 else 1.0, mus[-1])
     return mus
 
 
