@@ -34,6 +34,9 @@ _COARSE = 256
 _RESTARTS = 3
 _START_TOL = 1e-6
 _COLD_START_EVALS = 50
+_COLD_START_TOL = 1e-5
+#: the early-stopped guard is resumed when it is within this fraction of the best other start
+_GUARD_RESUME = 5e-4
 #: from this codebook size on, WeightedPoints.nearest looks codes up by bin instead of comparing K − 1 times
 _BIN_NEAREST_K = 8
 
@@ -160,14 +163,16 @@ class _Trimmed:
 
     def _edge(self, err: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Weighted points: the histogram of the errors in _BUCKETS buckets of width top / _BUCKETS, and i, the
-        smallest bucket edge with at most κ points at or above it: (i, top, above) with above[i] the number of
-        points in buckets ≥ i."""
+        smallest bucket edge with at most κ points at or above it: (i, top, the number of points in buckets ≥ i)."""
         top = err.max().clamp_min(1e-300)
-        bucket = (err * (_BUCKETS / top)).to(torch.int64).clamp_(0, _BUCKETS - 1)
+        bucket = (err * (_BUCKETS / top)).to(torch.int32).clamp_(0, _BUCKETS - 1)
         per = torch.bincount(bucket, weights=self.counts, minlength=_BUCKETS)
-        above = torch.flip(torch.cumsum(torch.flip(per, [0]), 0), [0])  # above[i]: points in buckets ≥ i
-        i = torch.searchsorted(-above, above.new_full((1,), -float(self.kappa))).clamp_(1, _BUCKETS - 1)
-        return i, top, above
+        # points in buckets < i: below[i − 1]; counts are whole numbers, so these float64 sums are exact and
+        # above[i] = n − below[i − 1] ≤ κ is below[i − 1] ≥ n − κ
+        below = torch.cumsum(per, 0)
+        total = below[-1:]
+        i = (torch.searchsorted(below, total - self.kappa) + 1).clamp_(1, _BUCKETS - 1)
+        return i, top, total - below[i - 1]
 
     def _tau(self, err: Tensor) -> tuple[Tensor, Tensor]:
         """τ (points with error ≤ τ are kept) and the number of points beyond τ minus κ (≤ 0)."""
@@ -180,7 +185,7 @@ class _Trimmed:
         # or above it; the points short of κ are charged at τ_i (they lie just below it)
         i, top, above = self._edge(err)
         tau = (i.to(err.dtype) * (top / _BUCKETS)).reshape(())
-        return tau / self.widen, (above[i] - self.kappa).reshape(())
+        return tau / self.widen, (above - self.kappa).reshape(())
 
     def lower_bound(self, c: Tensor) -> float:
         """A value that more than κ of x's values exceed in distance to their nearest centre of c (computed in
@@ -290,14 +295,16 @@ def _coarse_optimum(table: tuple[Tensor, Tensor, Tensor], k: int, tau2: float | 
     return torch.sort(c).values
 
 
-def _lloyd(problem: _Trimmed, c: Tensor, max_iter: int, tol: float) -> tuple[float, Tensor]:
-    """Over-relaxed trimmed Lloyd iterations from c: (objective, codebook)."""
+def _lloyd(problem: _Trimmed, c: Tensor, max_iter: int, tol: float) -> tuple[float, Tensor, int]:
+    """Over-relaxed trimmed Lloyd iterations from c: (objective, codebook, iterations of the ``max_iter``)."""
     c = torch.sort(c).values
     obj, lloyd = problem.step(c)
     omega = 1.0
+    evals = 1
     for _ in range(max_iter - 1):
         if obj <= 0.0:
             break
+        evals += 1
         prop = torch.sort(c + omega * (lloyd - c)).values
         obj2, lloyd2 = problem.step(prop)
         if obj2 > obj and omega > 1.0:
@@ -312,7 +319,7 @@ def _lloyd(problem: _Trimmed, c: Tensor, max_iter: int, tol: float) -> tuple[flo
         if improved <= tol * obj:
             break
         omega = min(2.0 * omega, 4.0)
-    return obj, c
+    return obj, c, evals
 
 
 def trimmed_kmeans_1d(
@@ -357,8 +364,15 @@ def fit(points: WeightedPoints, k: int, kappa: int, init: Tensor | None = None, 
     # the best is then run to ``tol``
     loose = max(tol, _START_TOL)
     # cold, the coarse k-means start is only a guard (the penalty form's start below nearly always wins): a few
-    # iterations tell whether its basin competes
-    best = _lloyd(problem, first, max_iter if init is not None else min(max_iter, _COLD_START_EVALS), loose)
+    # iterations tell whether its basin competes. They stop early once an iteration gains less than
+    # _COLD_START_TOL: its slow tail moves τ, and so the penalty form's start, too little to matter, and it is
+    # resumed below only when the other starts did not end well ahead of it.
+    guard = None
+    if init is None:
+        budget = min(max_iter, _COLD_START_EVALS)
+        best = guard = _lloyd(problem, first, budget, max(loose, _COLD_START_TOL))
+    else:
+        best = _lloyd(problem, first, max_iter, loose)
     tried = None
     for _ in range(_RESTARTS if kappa > 0 else 0):
         if best[0] <= 0:
@@ -373,6 +387,10 @@ def fit(points: WeightedPoints, k: int, kappa: int, init: Tensor | None = None, 
         if not other[0] < best[0] * (1 - 1e-9):
             break
         best = other
+    if guard is not None and best is not guard and guard[2] < budget and guard[0] <= best[0] * (1 + _GUARD_RESUME):
+        resumed = _lloyd(problem, guard[1], budget - guard[2], loose)
+        if resumed[0] < best[0]:
+            best = resumed
     best = _lloyd(problem, best[1], max_iter, tol)
     dtype = points.dtype
     c = best[1].to(dtype)
