@@ -202,15 +202,13 @@ class AdditiveCombination(Compression):
         # full-length buffers reused by every round: a fresh 4-byte-per-weight temporary costs about as much as
         # the pass that fills it (the allocator hands large blocks back to the system and they fault in again)
         codes32 = codes.reshape(-1).to(torch.int32)
-        dq, resid, e = torch.empty_like(flat), torch.empty_like(flat), torch.empty_like(flat)
-        rq = None
+        dq, e = torch.empty_like(flat), torch.empty_like(flat)
         best, prev = None, None
         for r in range(self.rounds):
             if r > 0:
                 # the quantization's Lloyd step on its residual rq = w − Δ_p, which is w but at the κ pruned
                 # weights (means of nearest-assigned sorted clusters stay sorted, so the codes still index c)
-                if rq is None:
-                    rq = torch.empty_like(flat)
+                rq = e  # the last round's errors are spent
                 rq.copy_(flat)
                 rq[idx] = flat[idx] - kept
                 if codes_for is c:
@@ -227,10 +225,9 @@ class AdditiveCombination(Compression):
                 # an error moves by at most the largest move of a centre (where the code stays)
                 below = kth - float((c - old).abs().max()) - 1e-6 * (abs(kth) + float(c.abs().max()))
             torch.index_select(c, 0, codes32, out=dq)
-            torch.sub(flat, dq, out=resid)
-            torch.abs(resid, out=e)
+            torch.sub(flat, dq, out=e).abs_()
             idx = top_errors(e, kappa, below)  # the pruning part's exact C step on w − Δ_q
-            values = resid[idx]
+            values = flat[idx] - dq[idx]
             kept = values.to(p.value_dtype).float()  # Δ_p there, as the pruning part stores it
             kth = float(e[idx].min()) if idx.numel() else 0.0
             # ‖w − Δ_q − Δ_p‖²: the errors, but the pruned weights' rounding errors at the pruned ones
