@@ -31,6 +31,8 @@ Variants (combine with "+", e.g. "cps4+ft3"):
   wuN       linear lr warm-up from lr/10 to lr over the first N epochs
   holdX     μ stays at μ₀ for the first fraction X of the C steps, then grows geometrically to the same μ_T
             (lcompress.auto_schedule(..., hold=X); config schedule.hold)
+  capX      the L step's lr capped at X/μ instead of 1/μ (the penalty's curvature μ plus the loss's own can exceed
+            what SGD with momentum 0.9 keeps stable at lr = 1/μ)
 """
 from __future__ import annotations
 
@@ -69,7 +71,8 @@ def tasks_for(scheme: str):
 
 #: numeric variant parts: prefix -> (option, type), the number following the prefix (e.g. "pf0.3")
 NUMERIC = {"cps": ("cps", int), "ft": ("ft", int), "pf": ("pf", float), "fd": ("fd", float), "lr": ("lr", float),
-           "lb": ("lb", float), "lz": ("lz", float), "wu": ("wu", int), "hold": ("hold", float)}
+           "lb": ("lb", float), "lz": ("lz", float), "wu": ("wu", int), "hold": ("hold", float),
+           "cap": ("cap", float)}
 #: flag variant parts: name -> (option, value)
 FLAGS = {"qp": ("qp", True), "cos": ("cos", True), "mr": ("mr", True), "pl": ("pl", True), "prox": ("prox", True), "avg": ("avg", "avg"),
          "avgkeep": ("avg", "avgkeep")}
@@ -77,7 +80,7 @@ FLAGS = {"qp": ("qp", True), "cos": ("cos", True), "mr": ("mr", True), "pl": ("p
 
 def parse_variant(v: str) -> dict:
     o = {"cps": 1, "qp": False, "ft": 0, "pf": 0.1, "fd": 0.005, "lr": 0.1, "cos": False, "avg": "", "mr": False,
-         "lb": 1.0, "lz": 0.0, "pl": False, "prox": False, "wu": 0, "hold": 0.0}
+         "lb": 1.0, "lz": 0.0, "pl": False, "prox": False, "wu": 0, "hold": 0.0, "cap": 1.0}
     for part in v.split("+"):
         if part == "base":
             continue
@@ -207,7 +210,7 @@ def run_layers(scheme: str, o: dict, variant: str, seed: int, epochs: int, cfg, 
             if o["wu"] and epoch < o["wu"]:
                 lr_b = lr_e * (0.1 + 0.9 * (epoch * n_batches + i) / (o["wu"] * n_batches))
             mus_now = [s_[step] for s_ in sched]
-            lr_b = min(lc.clip_lr(lr_b, m) for m in mus_now)
+            lr_b = min(lc.clip_lr(lr_b, m, o["cap"]) for m in mus_now)  # min(lr, cap/μ)
             for g in opt.param_groups:
                 g["lr"] = lr_b
             loss = F.cross_entropy(model(xb), yb)
@@ -275,7 +278,7 @@ def run(scheme: str, variant: str, seed: int, epochs: int, cfg, data, ref_state)
             if o["cos"]:
                 lr_e = o["lr"] * 0.5 * (1 + math.cos(math.pi * (epoch * n_batches + i) / total_batches))
             for g in opt.param_groups:
-                g["lr"] = lc.clip_lr(lr_e, mu)
+                g["lr"] = lc.clip_lr(lr_e, mu, o["cap"])  # min(lr, cap/μ)
             loss = F.cross_entropy(model(xb), yb) + alg.penalty(mu)
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -748,3 +748,27 @@ def test_clip_lr_and_geometric():
         lc.geometric(0.0, 2.0, 3)
     with pytest.raises(ValueError, match="mu="):
         lc.clip_lr(0.1, 0.0)
+    assert lc.clip_lr(0.1, 100.0, scale=0.5) == pytest.approx(0.005)
+    assert lc.clip_lr(0.1, 4.0, scale=0.5) == 0.1
+    with pytest.raises(ValueError, match="scale=0"):
+        lc.clip_lr(0.1, 1.0, scale=0)
+
+
+@pytest.mark.parametrize("scale", [1.0, 0.5])
+def test_clip_lr_scale_keeps_nesterov_momentum_stable_up_to_its_margin(scale):
+    """Nesterov SGD (torch's, β = 0.9) on a quadratic of curvature μ + h at lr = clip_lr(1, μ, scale): stable while
+    lr·(μ + h) < 2(1 + β)/(1 + 2β) = 1.357, i.e. h < (1.357/scale − 1)·μ; the run blows up just past that."""
+    mu = 10.0
+    limit = (2 * 1.9 / 2.8 / scale - 1) * mu  # the loss's curvature the cap leaves room for
+
+    def final(h):
+        x = torch.ones(1, requires_grad=True)
+        opt = torch.optim.SGD([x], lr=lc.clip_lr(1.0, mu, scale), momentum=0.9, nesterov=True)
+        for _ in range(2000):
+            opt.zero_grad()
+            (0.5 * (mu + h) * x.pow(2)).sum().backward()
+            opt.step()
+        return float(x.abs())
+
+    assert final(0.97 * limit) < 1e-3
+    assert not final(1.03 * limit) < 1e3  # diverged (inf or nan)

@@ -119,7 +119,8 @@ class OptimizerConfig:
     momentum: float = 0.9
     nesterov: bool = True
     lr_decay: float = 0.98  # per LC step
-    clip_lr: bool = True  # lr ≤ 1/μ
+    clip_lr: bool = True  # lr ≤ clip_lr_scale/μ
+    clip_lr_scale: float = 1.0  # the cap's scale: 1 is the papers' 1/μ; 0.5 leaves momentum SGD more margin
     weight_decay: float = 0.0
 
 
@@ -561,6 +562,8 @@ def parse_config(raw: dict[str, Any], source: str | None = None, trust_code: boo
         raise ConfigError(f"optimizer.lr={o.lr}: must be > 0")
     if not 0 <= o.momentum < 1:
         raise ConfigError(f"optimizer.momentum={o.momentum}: must be in [0, 1)")
+    if not 0 < o.clip_lr_scale <= 1:
+        raise ConfigError(f"optimizer.clip_lr_scale={o.clip_lr_scale}: must be in (0, 1]")
     if not 0 < o.lr_decay <= 1:
         raise ConfigError(f"optimizer.lr_decay={o.lr_decay}: must be in (0, 1]")
     if not o.weight_decay >= 0:

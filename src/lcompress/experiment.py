@@ -698,7 +698,7 @@ def _lc_step(run: _Run, step: int, n_steps: int, per_rank_batch: int, c_after: l
     sub = run.mus[step * c_per : (step + 1) * c_per]
     mu = sub[0]
     lr0 = cfg.optimizer.lr * cfg.optimizer.lr_decay ** step
-    lr = clip_lr(lr0, mu) if cfg.optimizer.clip_lr else lr0
+    lr = clip_lr(lr0, mu, cfg.optimizer.clip_lr_scale) if cfg.optimizer.clip_lr else lr0
     for group in opt.param_groups:
         group["lr"] = lr
     ts = time.perf_counter()
@@ -731,7 +731,7 @@ def _lc_step(run: _Run, step: int, n_steps: int, per_rank_batch: int, c_after: l
                 alg.c_step(mu)
                 part += 1
                 mu = sub[part]
-                lr = clip_lr(lr0, mu) if cfg.optimizer.clip_lr else lr0
+                lr = clip_lr(lr0, mu, cfg.optimizer.clip_lr_scale) if cfg.optimizer.clip_lr else lr0
                 for group in opt.param_groups:
                     group["lr"] = lr
     # ranks agree once more before the C step: an L step shorter than the poll interval would otherwise never see a
