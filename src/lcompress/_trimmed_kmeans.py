@@ -35,8 +35,9 @@ _RESTARTS = 3
 _START_TOL = 1e-6
 _COLD_START_EVALS = 50
 _COLD_START_TOL = 1e-5
-#: the early-stopped guard is resumed when it is within this fraction of the best other start
-_GUARD_RESUME = 5e-4
+#: the early-stopped guard is resumed when it is within this fraction of the best other start: about what ten
+#: more iterations gaining _COLD_START_TOL each would bring
+_GUARD_RESUME = 10 * _COLD_START_TOL
 #: from this codebook size on, WeightedPoints.nearest looks codes up by bin instead of comparing K − 1 times
 _BIN_NEAREST_K = 8
 
