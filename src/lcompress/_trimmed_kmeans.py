@@ -235,19 +235,23 @@ class _Trimmed:
 
 def _coarse_table(v: Tensor, prefix: Tensor, coarse: int = _COARSE) -> tuple[Tensor, Tensor, Tensor]:
     """The points rounded to ``coarse`` equal-width bins: prefix counts N and sums S1 over bin boundaries, and
-    the (coarse + 1)² table of each bin range's sum of squares about its mean (inf below the diagonal)."""
+    the (coarse + 1)² table of each bin range's sum of squares about its mean, [i, l] for bins l..i−1 (inf where
+    l > i)."""
     span = (v[-1] - v[0]).clamp_min(1e-300)
     b = ((v - v[0]) * (coarse / span)).to(torch.int64).clamp_(0, coarse - 1)
     parts = prefix[1:] - prefix[:-1]
     binned = torch.zeros(coarse, 3, dtype=parts.dtype, device=parts.device).index_add_(0, b, parts)
     P = torch.cat([binned.new_zeros(1, 3), torch.cumsum(binned, 0)])
     N, S1, S2 = P.unbind(1)
-    dn = N[None, :] - N[:, None]  # [l, i]: points in bins l..i−1
-    ds = S1[None, :] - S1[:, None]
-    cost = (S2[None, :] - S2[:, None]) - ds * ds / dn.clamp_min(1e-300)
-    cost = torch.where(dn > 0, cost.clamp_min(0), torch.zeros_like(cost))
+    # stored transposed, [i, l] for bins l..i−1, so that the programme's minimum over l runs along rows; in place
+    # where it can be (each fresh (coarse + 1)² temporary costs more in page faults than its arithmetic)
+    dn = N[:, None] - N[None, :]
+    ds = S1[:, None] - S1[None, :]
+    cost = S2[:, None] - S2[None, :]
+    cost -= ds.mul_(ds).div_(dn.clamp_min(1e-300))
+    cost.clamp_min_(0).masked_fill_(dn <= 0, 0.0)
     idx = torch.arange(coarse + 1, device=v.device)
-    cost = torch.where(idx[:, None] <= idx[None, :], cost, torch.full_like(cost, float("inf")))
+    cost.masked_fill_(idx[None, :] > idx[:, None], float("inf"))
     return N, S1, cost
 
 
@@ -268,13 +272,14 @@ def _coarse_optimum(table: tuple[Tensor, Tensor, Tensor], k: int, tau2: float | 
     D = torch.full((coarse + 1,), float("inf"), dtype=cost.dtype, device=cost.device)
     D[0] = 0.0
     back = []
+    total = torch.empty_like(cost)  # one buffer for every step's (coarse + 1)² sums
     for _ in range(k):
         if tau2 is None:
             G, gl = D, idx
         else:
             G, gl = torch.cummin(D - tau2 * N, 0)
             G = G + tau2 * N
-        D, a = (G[:, None] + cost).min(0)
+        D, a = torch.add(G[None, :], cost, out=total).min(1)
         back.append((a, gl))
     end = D + (tau2 * (N[-1] - N) if tau2 is not None else torch.where(idx == coarse, 0.0, float("inf")))
     i = int(end.argmin())
