@@ -85,13 +85,21 @@ def test_top_errors_against_topk(seed):
     for kappa in (0, 1, 7, 400, 401, 19_999, 20_000):
         kth = float(torch.topk(e, kappa).values[-1]) if kappa else 0.0
         for below in (None, float("-inf"), kth - 0.5, kth, kth + 0.5, 1e9):
-            idx = top_errors(e, kappa, below)
+            idx, cand = top_errors(e, kappa, below)
             check_top(e, kappa, idx)
+            if cand is not None and 0 < kappa < e.numel():  # what was ranked: every value above the bound
+                assert torch.equal(cand, torch.nonzero(e > below).reshape(-1))
     # a bound that exactly κ values exceed: those are the answer
     f = torch.rand(5000, generator=g)
     kth = float(torch.topk(f, 30).values[-1])
-    check_top(f, 30, top_errors(f, 30, float(torch.topk(f, 31).values[-1])))
-    check_top(f, 30, top_errors(f, 30, kth))
+    check_top(f, 30, top_errors(f, 30, float(torch.topk(f, 31).values[-1]))[0])
+    check_top(f, 30, top_errors(f, 30, kth)[0])
+    # within a set outside which every value is at most the bound: ranked there only, or None when too few
+    below = float(torch.topk(f, 200).values[-1])
+    within = torch.nonzero(f > below).reshape(-1)
+    check_top(f, 30, top_errors(f, 30, below, within=within)[0])
+    check_top(f, 30, top_errors(f, 30, kth - 1e-7, within=within)[0])
+    assert top_errors(f, 30, float(torch.topk(f, 10).values[-1]), within=within) == (None, None)
 
 
 @pytest.mark.parametrize("n", [3000, N])

@@ -113,39 +113,48 @@ class WeightedPoints:
         return idx.reshape(x.shape)
 
 
-def top_errors(e: Tensor, kappa: int, below: float | None = None) -> Tensor:
+def top_errors(e: Tensor, kappa: int, below: float | None = None,
+               within: Tensor | None = None) -> tuple[Tensor | None, Tensor | None]:
     """Indices, ascending, of the κ largest values of the flat tensor e (ties between equal values broken by
-    position): the support of the ℓ0 pruning's exact C step when e = |w − Δ|.
+    position): the support of the ℓ0 pruning's exact C step when e = |w − Δ|. Also returns the candidates that
+    were ranked (None when all were).
 
     With ``below``, a value that at least κ values of e are believed to exceed, only those above it are ranked
     (a compare pass and a selection among a few more than κ values instead of among all n); every other value is
     at most ``below`` and so smaller than each of them, which keeps the result exact. When fewer than κ values
-    exceed it, all n are ranked.
+    exceed it, all n are ranked. With ``within`` as well, ascending indices outside which every value is known
+    to be at most ``below``, only those are compared, and (None, None) comes back when fewer than κ of them
+    exceed it.
     """
     ef = e.reshape(-1)
     n = ef.numel()
     if kappa <= 0:
-        return torch.zeros(0, dtype=torch.int64, device=e.device)
+        return torch.zeros(0, dtype=torch.int64, device=e.device), None
     if kappa >= n:
-        return torch.arange(n, device=e.device)
+        return torch.arange(n, device=e.device), None
     cand = None
-    if below is not None:
+    if within is not None:
+        cand = within[ef[within] > below]
+        if cand.numel() < kappa:
+            return None, None
+    elif below is not None:
         cand = torch.nonzero(ef > below).reshape(-1)
         if cand.numel() < kappa:
             cand = None
     if cand is None:
-        cand = torch.arange(n, device=e.device)
         ec = ef
     else:
         if cand.numel() == kappa:
-            return cand
+            return cand, cand
         ec = ef[cand]
     kth = torch.kthvalue(ec, ec.numel() - kappa + 1).values  # the κ-th largest
     above = ec > kth
     ties = ec == kth
     need = kappa - int(above.sum())
     keep = above | (ties & (torch.cumsum(ties, 0) <= need))
-    return cand[keep]
+    if cand is None:
+        return torch.nonzero(keep).reshape(-1), None
+    return cand[keep], cand
 
 
 class _Trimmed:

@@ -203,7 +203,7 @@ class AdditiveCombination(Compression):
         # the pass that fills it (the allocator hands large blocks back to the system and they fault in again)
         codes32 = codes.reshape(-1).to(torch.int32)
         dq, e = torch.empty_like(flat), torch.empty_like(flat)
-        best, prev = None, None
+        best, prev, cand = None, None, None
         for r in range(self.rounds):
             if r > 0:
                 # the quantization's Lloyd step on its residual rq = w − Δ_p, which is w but at the κ pruned
@@ -223,10 +223,18 @@ class AdditiveCombination(Compression):
                 c, _ = F.group_means(rq, codes, k, fallback=c)
                 codes_for = old
                 # an error moves by at most the largest move of a centre (where the code stays)
-                below = kth - float((c - old).abs().max()) - 1e-6 * (abs(kth) + float(c.abs().max()))
+                move = float((c - old).abs().max()) + 1e-6 * (abs(kth) + float(c.abs().max()))
+                below = kth - move
             torch.index_select(c, 0, codes32, out=dq)
             torch.sub(flat, dq, out=e).abs_()
-            idx = top_errors(e, kappa, below)  # the pruning part's exact C step on w − Δ_q
+            # the pruning part's exact C step on w − Δ_q. In the first Lloyd step every code but the pruned ones
+            # stays, so only the last candidates can exceed their bound moved by the largest move of a centre
+            idx = None
+            if r == 1 and cand is not None:
+                idx, cand = top_errors(e, kappa, bound + move, within=cand)
+            if idx is None:
+                idx, cand = top_errors(e, kappa, below)
+                bound = below  # every error outside cand is at most this
             values = flat[idx] - dq[idx]
             kept = values.to(p.value_dtype).float()  # Δ_p there, as the pruning part stores it
             kth = float(e[idx].min()) if idx.numel() else 0.0
@@ -247,9 +255,12 @@ class AdditiveCombination(Compression):
         q._shape = tuple(w.shape)
         if not last:
             torch.index_select(c, 0, codes.reshape(-1).to(torch.int32), out=dq)
-        out = p._set(idx, values, n, w.shape)
+        p._set(idx, values, n, w.shape, decode=False)
         p._shape = tuple(w.shape)
-        return out.add_(dq.reshape(w.shape))  # Δ_p + Δ_q = Δ_q + Δ_p, as decompress() sums it
+        # Δ_q + Δ_p as decompress() sums it (Δ_q + 0 elsewhere, which makes −0 +0), in the spent buffer of Δ_q
+        at = dq[idx] + p.theta["values"].float()
+        dq.add_(0.0)[idx] = at
+        return dq.reshape(w.shape)
 
     def _decompress(self) -> Tensor:
         return self._sum(self._shape)

@@ -81,9 +81,13 @@ class _Sparse(Compression, register=False):
         idx = torch.nonzero(flat).reshape(-1)
         return self._set(idx, flat[idx], flat.numel(), theta_dense.shape)
 
-    def _set(self, idx: Tensor, values: Tensor, n: int, shape) -> Tensor:
+    def _set(self, idx: Tensor, values: Tensor, n: int, shape, decode: bool = True) -> Tensor | None:
+        """Θ ← (idx, values rounded to ``value_dtype``); return Δ(Θ) in ``shape`` (None with ``decode=False``,
+        for a caller that assembles it itself)."""
         values = values.to(self.value_dtype)
         self._theta = {"indices": idx, "values": values, "n": int(n)}
+        if not decode:
+            return None
         out = torch.zeros(n, dtype=torch.float32, device=values.device)
         out[idx] = values.float()
         return out.reshape(shape)
