@@ -120,7 +120,7 @@ def auto_schedule(
         hold: the fraction of the steps, in [0, 1), that stay at μ₀ before μ grows. A long phase where the penalty
             binds only weakly lets the weights find better assignments/supports than those near direct
             compression (LeNet300 at 1 bit: mean test error 10.65% with no hold, 10.3% with ``hold=0.5`` and
-            ``penalty_fraction=1``; bench/RESULTS.md, "A held μ₀").
+            ``penalty_fraction=1``; bench/RESULTS.md, "A held μ₀ and a safer lr cap").
 
     Returns:
         the list of ``steps`` increasing μ values.
