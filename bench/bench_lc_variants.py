@@ -47,6 +47,7 @@ import torch
 import torch.nn.functional as F
 
 import lcompress as lc
+from lcompress.compressions import from_config
 from lcompress.config import load_config
 from lcompress.data import batches
 from lcompress.experiment import build_model, load_data, measure_loss_and_grad, prepare_reference
@@ -183,22 +184,25 @@ def run_layers(scheme: str, o: dict, variant: str, seed: int, epochs: int, cfg, 
         if len(tasks) != 1 or not isinstance(next(iter(tasks)), str):
             raise SystemExit("pl needs a per-layer scheme (q2, q4, sb)")
         comp = next(iter(tasks.values()))
-        algs = [lc.LC(model, {n: type(comp)(**comp._config())}) for n in LAYERS]
+        algs = [lc.LC(model, {n: from_config(comp.config())}) for n in LAYERS]
     else:
         algs = [lc.LC(model, tasks)]
-    with ExitStack() as st:
-        for a_ in algs:
-            st.enter_context(a_.compressed())
-        dc = evaluate(model, data.x_test, data.y_test)
+    def compressed_error() -> float:
+        with ExitStack() as st:
+            for a_ in algs:
+                st.enter_context(a_.compressed())
+            return evaluate(model, data.x_test, data.y_test)
+
+    dc = compressed_error()
     lc_epochs = epochs - o["ft"]
     steps = lc_epochs * o["cps"]
-    total_batches = lc_epochs * math.ceil(len(data.x_train) / 256)
     sched = []
     for a_ in algs:
         loss, loss_dc, gnorm = measure_loss_and_grad(model, a_, data.x_train, data.y_train)
         sched.append(lc.auto_schedule(a_, steps, loss_dc - loss, gnorm, penalty_fraction=o["pf"],
                                       final_distance=o["fd"], hold=o["hold"]))
     opt, gen, n_batches, per = _sgd_and_data_order(model, o, seed, data)
+    total_batches = lc_epochs * n_batches
     curve = []
     step = 0
     for epoch in range(lc_epochs):
@@ -234,10 +238,7 @@ def run_layers(scheme: str, o: dict, variant: str, seed: int, epochs: int, cfg, 
                     for st_ in opt.state.values():
                         if st_.get("momentum_buffer") is not None:
                             st_["momentum_buffer"].zero_()
-        with ExitStack() as st:
-            for a_ in algs:
-                st.enter_context(a_.compressed())
-            curve.append(round(evaluate(model, data.x_test, data.y_test), 2))
+        curve.append(round(compressed_error(), 2))
     if o["ft"]:
         _finetune(model, algs[0], data, gen, o["ft"], o["lr"] * 0.98**lc_epochs * 0.1, lc_epochs)
         curve.append(round(evaluate(model, data.x_test, data.y_test), 2))

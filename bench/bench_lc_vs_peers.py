@@ -49,6 +49,7 @@ def main() -> None:
     for f in a.lc.split(","):
         rows += json.load(open(f))["rows"]
     peers = json.load(open(a.peers))
+
     def chooser(spec: str):
         parts = spec.split(",")
         per = {k: v for k, _, v in (x.partition("=") for x in parts if "=" in x)}

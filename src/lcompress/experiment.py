@@ -240,9 +240,8 @@ def _mu_schedule(cfg: RunConfig, alg: LC | None, model: nn.Module, data: Dataset
     loss, loss_dc, gnorm = measure_loss_and_grad(model, alg, data.x_train.to(cfg.device), data.y_train.to(cfg.device))
     mus = auto_schedule(alg, s.steps * s.c_steps_per_step, loss_dc - loss, gnorm, penalty_fraction=s.penalty_fraction,
                         final_distance=s.final_distance, hold=s.hold)
-    held = sum(1 for m in mus if m == mus[0])
-    logger.info("auto schedule: loss %.4g -> %.4g at DC, |grad L(DC)| %.4g -> mu0 %.4g (held %d of %d C steps), "
-                "factor %.4f, last mu %.4g", loss, loss_dc, gnorm, mus[0], held, len(mus),
+    logger.info("auto schedule: loss %.4g -> %.4g at DC, |grad L(DC)| %.4g -> mu0 %.4g (held for a fraction %g of "
+                "%d C steps), factor %.4f, last mu %.4g", loss, loss_dc, gnorm, mus[0], s.hold, len(mus),
                 (mus[-1] / mus[-2]) if len(mus) > 1 else 1.0, mus[-1])
     return mus
 

@@ -107,15 +107,15 @@ class AdditiveCombination(Compression):
     def _compress(self, w: Tensor, mu: float) -> Tensor:
         self.last_rounds = 0
         pair = self._trimmed_pair(w.numel())
+        out = None
         if pair is not None:
-            out = self._compress_trimmed(w, mu, *pair)
-            self._theta = {f"part{i}": p.theta for i, p in enumerate(self.parts)}
-            return out  # summed as decompress() sums it
-        deltas = [torch.zeros_like(w) for _ in self.parts]
-        self._alternate(w, mu, deltas, torch.zeros_like(w), None, self.rounds)
+            out = self._compress_trimmed(w, mu, *pair)  # Δ, summed as decompress() sums it
+        else:
+            deltas = [torch.zeros_like(w) for _ in self.parts]
+            self._alternate(w, mu, deltas, torch.zeros_like(w), None, self.rounds)
         self._theta = {f"part{i}": p.theta for i, p in enumerate(self.parts)}
         # Δ summed as decompress() sums it, so that what LC uses is bit for bit what a file decodes to
-        return self._sum(tuple(w.shape))
+        return out if out is not None else self._sum(tuple(w.shape))
 
     def _alternate(self, w: Tensor, mu: float, deltas: list[Tensor], total: Tensor, d: float | None,
                    rounds: int) -> Tensor:
