@@ -772,3 +772,25 @@ def test_clip_lr_scale_keeps_nesterov_momentum_stable_up_to_its_margin(scale):
 
     assert final(0.97 * limit) < 1e-3
     assert not final(1.03 * limit) < 1e3  # diverged (inf or nan)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_weights_given_to_lc_are_blamed_on_the_model_not_an_l_step(bad):
+    # no L step has run at construction: the error must say the model came with NaN/Inf and name the parameter,
+    # not suggest a smaller learning rate
+    model = MLP()
+    with torch.no_grad():
+        model.fc2.weight[3, 5] = bad
+        model.fc2.weight[0, 1] = bad
+    with pytest.raises(ValueError) as e:
+        lc.LC(model, {"fc1.weight": lc.AdaptiveQuantization(k=2), ("fc2.weight", "fc3.weight"): lc.ConstraintL0Pruning(10)})
+    msg = str(e.value)
+    assert "before LC started" in msg and "'fc2.weight'" in msg and "2 of 4096 values" in msg, msg
+    assert "L step" not in msg.replace("no L step", "") and "learning rate" not in msg, msg
+    # a finite model still constructs, and a NaN after construction keeps the L-step hint
+    model = MLP()
+    alg = lc.LC(model, {"fc1.weight": lc.AdaptiveQuantization(k=2)})
+    with torch.no_grad():
+        model.fc1.weight[0, 0] = bad
+    with pytest.raises(ValueError, match="did the L step diverge"):
+        alg.c_step(1.0)

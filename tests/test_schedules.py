@@ -90,3 +90,26 @@ def test_auto_schedule_hold_errors_name_the_value():
     for bad in (1.0, -0.1, float("nan"), True, "0.5"):
         with pytest.raises(ValueError, match=r"hold=.* must be a number in \[0, 1\)"):
             lc.auto_schedule(alg, 5, 0.1, 1.0, hold=bad)
+
+
+def test_auto_schedule_on_a_batchnorm_cnn_emits_no_warning():
+    # a user's BatchNorm CNN leaked "Converting a tensor with requires_grad=True to a scalar" (float() of the
+    # loss at Δ, which needs its graph for the gradient)
+    import warnings
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3))
+    alg = lc.LC(model, {"0.weight": lc.AdaptiveQuantization(k=2), "4.weight": lc.AdaptiveQuantization(k=2)})
+    batches = [(torch.randn(8, 1, 8, 8), torch.randint(0, 3, (8,))) for _ in range(3)]
+    loss_fn = lambda m, b: F.cross_entropy(m(b[0]), b[1])  # noqa: E731
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        mus = lc.auto_schedule(alg, 6, loss_fn=loss_fn, batches=batches)
+    assert len(mus) == 6 and all(b > a for a, b in zip(mus, mus[1:]))
+    # the value is unchanged by the detach: the same as the loss at Δ computed without a graph
+    with torch.no_grad(), alg.compressed():
+        model.eval()
+        by_hand = sum(float(loss_fn(model, b)) for b in batches) / len(batches)
+        model.train()
+    _, loss_dc, _ = lc.measure_direct_compression(alg, loss_fn, batches)
+    assert loss_dc == pytest.approx(by_hand, rel=1e-6)

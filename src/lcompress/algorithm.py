@@ -205,6 +205,21 @@ def _check_ranks_agree(tasks: list[Task], deltas: list[Tensor] | None, error: Ba
         )
 
 
+def _check_finite_weights(tasks: list[Task]) -> None:
+    """The weights handed to ``LC(...)`` must be finite: no L step has run yet, so a NaN/Inf there came with the
+    model (a diverged training, a bad checkpoint), and the error says so and names the parameter."""
+    with torch.no_grad():
+        for t in tasks:
+            for name, p in zip(t.param_names, t.params):
+                bad = int((~torch.isfinite(p.detach())).sum())
+                if bad:
+                    raise ValueError(
+                        f"LC(...): task {t.name!r}: the model's weights contain NaN or Inf before LC started "
+                        f"(parameter {name!r}: {bad} of {p.numel()} values); check the model or the checkpoint it "
+                        "was loaded from (did its training diverge?)"
+                    )
+
+
 class LC:
     """The Learning-Compression algorithm over a model and a task map.
 
@@ -239,6 +254,7 @@ class LC:
     Raises:
         TypeError, ValueError: bad keys or compressions, with the task named (see :func:`resolve_tasks`); a
             compression whose Θ cannot be stored in a ``.lcz`` file (no registered codec, or a Θ its codec refuses).
+        ValueError: NaN or Inf in the model's compressed weights (the task and parameter named).
 
     Example::
 
@@ -289,6 +305,7 @@ class LC:
         self.step = 0  # number of C steps taken after direct compression
         if direct_mu is not None:
             direct_mu = _check_mu(direct_mu, "LC(direct_mu=...)")
+        _check_finite_weights(self.tasks)  # before the C step's own check, whose hint is about a diverged L step
         self._c_step(direct_mu or 0.0, update_multipliers=False)
         _check_storable(self.tasks, encode=True)
         self.mu, self.step = None, 0

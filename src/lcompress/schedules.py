@@ -67,7 +67,7 @@ def measure_direct_compression(alg, loss_fn: Callable[[Any, Any], Any], batches:
         with alg.compressed():
             for i, b in enumerate(batches):
                 out = value(b, i)
-                loss_dc += float(out)
+                loss_dc += float(out.detach())  # float() of a tensor that requires grad warns
                 for g, d in zip(grads, torch.autograd.grad(out, params, allow_unused=True)):
                     if d is not None:
                         g.add_(d.float())
