@@ -402,5 +402,13 @@ def test_l0_fraction():
     assert from_config(p.config()).kappa_for(200) == 10
     with pytest.raises(ValueError, match="exactly one"):
         lc.ConstraintL0Pruning(kappa=3, fraction=0.1)
-    with pytest.raises(ValueError, match="fraction=1.5"):
-        lc.ConstraintL0Pruning(fraction=1.5)
+    # fraction is the share kept: the error says so and names the range (0, 1]
+    for bad in (1.5, 0, 0.0, -0.1, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match=r"fraction=.* is the share of weights kept .* must be in \(0, 1\]"):
+            lc.ConstraintL0Pruning(fraction=bad)
+    with pytest.raises(TypeError, match="fraction='5%'.*share of weights kept"):
+        lc.ConstraintL0Pruning(fraction="5%")
+    # the edges of (0, 1]: 1 keeps everything, a tiny share keeps round(fraction * n)
+    w = torch.randn(400)
+    assert torch.equal(lc.ConstraintL0Pruning(fraction=1).compress(w), w)
+    assert int(torch.count_nonzero(lc.ConstraintL0Pruning(fraction=0.01).compress(w))) == 4

@@ -118,8 +118,9 @@ class ConstraintL0Pruning(_Sparse):
 
     Args:
         kappa: number of nonzero weights to keep, 0 ≤ κ ≤ number of weights in the task.
-        fraction: instead of ``kappa``, the fraction of the task's weights to keep, in [0, 1]
-            (κ = round(fraction · n) once the task is known).
+        fraction: instead of ``kappa``, the share of the task's weights that is **kept** (nonzero), in (0, 1]:
+            ``fraction=0.05`` keeps 5% and prunes 95% away ("prune to 5%"); κ = round(fraction · n) once the task
+            is known.
         value_dtype: precision of the surviving values ("float32", "float16" or "bfloat16").
         value_codebook: instead, K: the surviving values share one learned K-entry codebook (⌈log₂ K⌉ bits each
             plus K floats). The C step stays exact: support, codes and codebook are optimized jointly by
@@ -142,9 +143,12 @@ class ConstraintL0Pruning(_Sparse):
         self.kappa = None if kappa is None else check_int("kappa", kappa, low=0)
         self.fraction = None
         if fraction is not None:
-            self.fraction = check_float("fraction", fraction, low=0.0)
-            if self.fraction > 1:
-                raise ValueError(f"fraction={fraction} must be in the range [0, 1]")
+            if isinstance(fraction, bool) or not isinstance(fraction, (int, float)):
+                raise TypeError(f"fraction={fraction!r} must be a real number: the share of weights kept, in (0, 1]")
+            if not 0 < fraction <= 1:  # NaN fails this too
+                raise ValueError(f"fraction={fraction!r} is the share of weights kept (0.05 keeps 5%) and must be in "
+                                 "(0, 1]; to keep none, use kappa=0")
+            self.fraction = float(fraction)
 
     def _config(self):
         size = {"kappa": self.kappa} if self.fraction is None else {"fraction": self.fraction}
