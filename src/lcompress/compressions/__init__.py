@@ -2,6 +2,7 @@
 :data:`REGISTRY` when it is defined (see :class:`Compression`)."""
 from .additive import AdditiveCombination
 from .base import REGISTRY, Compression, NotCompressedError, from_config
+from .grouped import GroupedIntQuantization, NMPruning
 from .lowrank import LowRank, RankSelection
 from .pruning import ConstraintL0Pruning, ConstraintL1Pruning, PenaltyL0Pruning, PenaltyL1Pruning
 from .quantization import (
@@ -28,6 +29,8 @@ __all__ = [
     "ConstraintL1Pruning",
     "PenaltyL0Pruning",
     "PenaltyL1Pruning",
+    "GroupedIntQuantization",
+    "NMPruning",
     "LowRank",
     "RankSelection",
     "AdditiveCombination",
