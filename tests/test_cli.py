@@ -188,6 +188,24 @@ def test_inspect_prints_one_row_per_task(finished_run, capsys):
     out = capsys.readouterr().out
     for name in ("fc1.weight", "fc2.weight", "fc3.weight"):
         assert re.search(rf"^{re.escape(name)}\s+AdaptiveQuantization", out, re.M), out
+    # and per layer, what lc.load(..., compact=True) builds and why
+    compact = out[out.index("compact layers"):]
+    for name in ("fc1.weight", "fc2.weight", "fc3.weight"):
+        assert re.search(rf"^{re.escape(name)}\s+\(\d+, \d+\)\s+CodebookLinear\s+2-entry codebook, 1-bit codes$",
+                         compact, re.M), compact
+    # a file whose compressed weights would take more than the limit to decode: the task table, and a line why
+    # the per-layer one is left out
+    import lcompress.cli as cli
+
+    limit = cli.INSPECT_DECODE_LIMIT
+    try:
+        cli.INSPECT_DECODE_LIMIT = 100
+        assert main(["inspect", str(run / "model.lcz"), "-q"]) == 0
+    finally:
+        cli.INSPECT_DECODE_LIMIT = limit
+    out = capsys.readouterr().out
+    assert re.search(r"^fc1.weight\s+AdaptiveQuantization", out, re.M) and "CodebookLinear" not in out
+    assert re.search(r"^compact layers: not shown \(.*more than max_bytes=100\)$", out, re.M), out
     assert main(["inspect", str(run / "nothing.lcz"), "-q"]) == 2
     assert "nothing.lcz" in capsys.readouterr().err
 

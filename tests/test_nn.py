@@ -409,3 +409,46 @@ def test_half_precision_pruned_model_loads_compact_and_runs(tmp_path):
         assert got.dtype == dtype
         # the dense half layer rounds its own way; both are within a few ulps of the exact product
         assert float((got.float() - want.float()).abs().max()) <= 4 * torch.finfo(dtype).eps * float(want.abs().max())
+
+
+@pytest.mark.parametrize("case", ["crossover", "below", "joint_conv_sum", "lowrank_too_big"])
+def test_compact_layers_says_what_load_compact_builds(case, tmp_path):
+    # `lcompress inspect` lists, per weight, the layer lc.load(..., compact=True) builds; checked here against the
+    # modules the load really builds, on each side of the sparse/dense crossover (density 0.1) and for the forms
+    # that stay dense
+    from lcompress.export import compact_layers
+    from lcompress.nn import SPARSE_CROSSOVER_DENSITY
+
+    assert SPARSE_CROSSOVER_DENSITY == 0.1
+    torch.manual_seed(0)
+    n1 = 8 * 8 * 8 * 64  # fc1's weights
+    tasks = {
+        "crossover": {"fc1.weight": lc.ConstraintL0Pruning(fraction=0.1)},  # 3277 of 32768: density 0.10001
+        "below": {"fc1.weight": lc.ConstraintL0Pruning(int(0.1 * n1) - 1), "fc2.weight": lc.AdaptiveQuantization(3)},
+        "joint_conv_sum": {("conv.weight", "fc2.weight"): lc.ConstraintL0Pruning(60),
+                           "fc3.weight": lc.AdaptiveQuantization(2) + lc.ConstraintL0Pruning(5)},
+        "lowrank_too_big": {"fc3.weight": lc.LowRank(10), "conv.weight": lc.LowRank(2)},
+    }[case]
+    net = Net().eval()
+    alg = lc.LC(net, tasks)
+    alg.export(tmp_path / "n.lcz")
+    sk = Net().eval()
+    lc.load(tmp_path / "n.lcz", sk, compact=True)
+    rows = {r["parameter"]: r for r in compact_layers(tmp_path / "n.lcz")}
+    assert set(rows) == {p for t in alg.tasks for p in t.param_names}
+    for p, r in rows.items():
+        built = type(getattr(sk, p.split(".")[0])).__name__
+        assert r["layer"] == (built if built not in ("Linear", "Conv2d") else "dense"), (p, r, built)
+    if case == "crossover":  # the user's case: pruned to 10% and back as a plain nn.Linear; the row says why
+        assert rows["fc1.weight"]["layer"] == "dense" and type(sk.fc1) is nn.Linear
+        assert "not below the sparse/dense crossover 0.1" in rows["fc1.weight"]["why"]
+        assert "density 0.1" in rows["fc1.weight"]["why"]
+    if case == "below":
+        assert type(sk.fc1) is SparseLinear and rows["fc1.weight"]["why"] == f"density {3275 / n1:.4g} < 0.1"
+        assert rows["fc2.weight"]["why"] == "3-entry codebook, 2-bit codes"
+    if case == "joint_conv_sum":
+        assert rows["conv.weight"]["layer"] == "dense" and "only for nn.Linear" in rows["conv.weight"]["why"]
+        assert rows["fc3.weight"]["layer"] == "dense" and "no compact form" in rows["fc3.weight"]["why"]
+    if case == "lowrank_too_big":
+        assert rows["fc3.weight"]["why"] == "rank 10: the factors' 420 weights are not fewer than the layer's 320"
+        assert rows["conv.weight"]["layer"] == "LowRankConv2d"

@@ -502,7 +502,30 @@ def cmd_inspect(args) -> int:
                 print(f"{k}: {v}")
     cols = [(k, k, ".2f" if isinstance(rows[0].get(k), float) else "") for k in rows[0]] if rows else []
     print(format_table([{k: (str(v) if isinstance(v, (list, tuple, dict)) else v) for k, v in r.items()} for r in rows], cols))
+    _print_compact_layers(args.file)
     return 0
+
+
+#: ``inspect`` decodes the tasks' Θ to say which compact layer each gets only up to this many bytes
+INSPECT_DECODE_LIMIT = 2 << 30
+
+
+def _print_compact_layers(file: str) -> None:
+    """Per compressed weight, what ``lc.load(..., compact=True)`` builds and why (a layer pruned to 10% stays a
+    plain nn.Linear: the sparse/dense crossover is a density of 0.1)."""
+    from .demo import format_table
+    from .export import CorruptFileError, compact_layers
+
+    try:
+        layers = compact_layers(file, max_bytes=INSPECT_DECODE_LIMIT)
+    except CorruptFileError as e:  # the file passed inspect's checks: here, most likely too large to decode
+        print(f"\ncompact layers: not shown ({_one_line(e)})")
+        return
+    print("\ncompact layers (what lc.load(..., compact=True) builds; a 2-D weight is taken as an nn.Linear's, "
+          "a 4-D one as an nn.Conv2d's):")
+    print(format_table([{**r, "shape": str(tuple(r["shape"]))} for r in layers],
+                       [("parameter", "parameter", "s"), ("shape", "shape", "s"), ("layer", "layer", "s"),
+                        ("why", "why", "s")]))
 
 
 def cmd_peer(args) -> int:

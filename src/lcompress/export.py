@@ -33,8 +33,8 @@ from .tasks import unwrap_model
 from .views import from_matrix
 
 __all__ = [
-    "FORMAT", "VERSION", "CorruptFileError", "ModelMismatchError", "save", "load", "read", "inspect", "to_bytes",
-    "pack_bits", "unpack_bits",
+    "FORMAT", "VERSION", "CorruptFileError", "ModelMismatchError", "save", "load", "read", "inspect",
+    "compact_layers", "to_bytes", "pack_bits", "unpack_bits",
 ]
 
 logger = logging.getLogger(__name__)
@@ -152,6 +152,54 @@ def save(alg, path, lossless: bool = True) -> dict[str, Any]:
 
 
 # ---- reading: decoding ----------------------------------------------------------------------------------------
+def compact_layers(path, *, max_bytes: int | None = None) -> list[dict[str, Any]]:
+    """What ``load(path, model, compact=True)`` makes of each compressed weight's layer, for ``lcompress inspect``.
+
+    The file alone does not say which module owns a weight, so the owner is taken from the shape (see
+    :func:`lcompress.nn.describe_compact`): row codebooks an ``nn.Embedding``, another 2-D weight an
+    ``nn.Linear``, a 4-D one an ``nn.Conv2d``. The choice itself is the one :func:`load` makes (a sparse weight
+    becomes a :class:`~lcompress.nn.SparseLinear` only below :data:`~lcompress.nn.SPARSE_CROSSOVER_DENSITY`).
+    The tasks' Θ are decoded (not the dense entries).
+
+    Args:
+        path: the file (or its bytes).
+        max_bytes: refuse a file whose compressed parameters take more than this many bytes decoded.
+
+    Returns:
+        one row per compressed parameter, in task order: ``parameter``, ``task``, ``shape``, ``layer`` (the
+        compact class name, or ``"dense"``: the layer keeps Δ(Θ) as its weight) and ``why``.
+
+    Raises:
+        FileNotFoundError, CorruptFileError: as :func:`read`; CorruptFileError also for more than ``max_bytes``.
+    """
+    from .nn import describe_compact
+
+    if max_bytes is not None and not _is_int(max_bytes, hi=1 << 62):
+        raise ValueError(f"max_bytes={max_bytes!r} must be a non-negative integer or None")
+    data, where = container.read_bytes(path)
+    header, _, blobs = container.open_bytes(data, where)
+    info = {e[0]: e for e in header["entries"]}
+    params = {p for t in header["tasks"] for p in t["params"]}
+    need = container.decoded_bytes(header, params)
+    if max_bytes is not None and need > max_bytes:
+        raise CorruptFileError(f"{where}: the compressed parameters take {need} bytes decoded, more than "
+                               f"max_bytes={max_bytes}")
+    rd = Reader(blobs["theta"])
+    rows = []
+    for t in header["tasks"]:
+        shapes = [tuple(info[p][2]) for p in t["params"]]
+        tname = _short(t["name"], 80)
+        try:  # the header was checked: what is left is a payload that does not decode, as in _decode_all
+            theta = decode_theta(t["theta"], rd, t["compression"], f"task {tname}")
+            specs = CODECS[t["theta"]["kind"]].compact_specs(theta, t["theta"], t["params"], shapes, t["conv_scheme"])
+        except (ValueError, TypeError, KeyError, IndexError) as e:  # CorruptFileError is a ValueError
+            raise CorruptFileError(f"{where}: {e}") from None
+        for p, shape in zip(t["params"], shapes):
+            layer, why = describe_compact(p, shape, specs.get(p))
+            rows.append({"parameter": p, "task": t["name"], "shape": shape, "layer": layer, "why": why})
+    return rows
+
+
 def read(path, *, max_bytes: int | None = None) -> dict[str, Any]:
     """Parse and verify a ``.lcz`` file (or its bytes) and decode every tensor.
 

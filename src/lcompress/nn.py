@@ -42,6 +42,7 @@ __all__ = [
     "CODEBOOK_TILE_WEIGHTS",
     "task_specs",
     "compact_model",
+    "describe_compact",
     "remove_dead_neurons",
 ]
 
@@ -706,29 +707,89 @@ def _apply_compact(model: nn.Module, plan: Sequence[tuple[str, nn.Module, nn.Mod
     return done
 
 
-def _compact_layer(mod: nn.Module, spec: Mapping[str, Any], sparse_density: float, pname: str) -> nn.Module | None:
+def _compact_choice(
+    owner: type, spec: Mapping[str, Any], numel: int, sparse_density: float = SPARSE_CROSSOVER_DENSITY,
+    groups: int = 1, max_norm: float | None = None,
+) -> tuple[type | None, str]:
+    """What :func:`compact_model` makes of a weight of ``numel`` weights owned by a module of type ``owner``
+    (``nn.Linear``, ``nn.Conv2d`` or ``nn.Embedding``) given its spec: (the compact class, or None to keep the
+    layer dense with Δ(Θ) as its weight; why, in words). The one place the choice is made, so that
+    :func:`describe_compact` (``lcompress inspect``) says what ``lc.load(..., compact=True)`` does."""
     kind = spec.get("kind")
-    if isinstance(mod, nn.Embedding):
+    if owner is nn.Embedding:
         if kind != "rowcodebook":
-            return None
-        if mod.max_norm is not None:  # a lookup that renormalizes the table in place needs the dense table
-            logger.info("compact_model: %s has max_norm=%s; kept dense", pname, mod.max_norm)
-            return None
-        return CodebookEmbedding.from_codes(mod, spec["codebook"], spec["codes"])
-    linear = isinstance(mod, nn.Linear)
+            return None, f"no compact embedding for a {kind} Θ"
+        if max_norm is not None:  # a lookup that renormalizes the table in place needs the dense table
+            return None, f"max_norm={max_norm} renormalizes the table in place"
+        return CodebookEmbedding, f"a {int(spec['codebook'].shape[-1])}-entry codebook per row"
+    linear = owner is nn.Linear
     if kind == "codebook":
-        return (CodebookLinear if linear else CodebookConv2d).from_codes(mod, spec["codebook"], spec["codes"])
+        k = int(spec["codebook"].numel())
+        return (CodebookLinear if linear else CodebookConv2d), f"{k}-entry codebook, {index_bits(k)}-bit codes"
     if kind == "lowrank":
         a, b = spec["A"], spec["B"]
-        if a.numel() + b.numel() >= mod.weight.numel():
-            return None
-        if linear:
-            return LowRankLinear.from_factors(mod, a, b)
-        if mod.groups != 1:
-            logger.info("compact_model: %s has groups=%d; kept dense", pname, mod.groups)
-            return None
-        return LowRankConv2d.from_factors(mod, a, b, spec.get("conv_scheme", "scheme_1"))
-    if kind == "sparse" and linear:
-        if spec["indices"].numel() < sparse_density * mod.weight.numel():
-            return SparseLinear.from_indices(mod, spec["indices"], spec["values"])
-    return None
+        factors, rank = a.numel() + b.numel(), int(a.shape[-1]) if a.dim() else 0
+        if factors >= numel:
+            return None, f"rank {rank}: the factors' {factors} weights are not fewer than the layer's {numel}"
+        if not linear and groups != 1:
+            return None, f"rank {rank}, but the conv has groups={groups}"
+        return (LowRankLinear if linear else LowRankConv2d), f"rank {rank}: {factors} weights instead of {numel}"
+    if kind == "sparse":
+        nnz = int(spec["indices"].numel())
+        density = nnz / max(numel, 1)
+        if not linear:
+            return None, f"density {density:.4g}; a sparse compact layer exists only for nn.Linear"
+        if nnz < sparse_density * numel:
+            return SparseLinear, f"density {density:.4g} < {sparse_density:g}"
+        return None, (f"density {density:.4g} is not below the sparse/dense crossover {sparse_density:g} "
+                      "(lcompress.nn.SPARSE_CROSSOVER_DENSITY), where a CSR product stops being faster on CPU")
+    if kind == "rowcodebook":
+        return None, "row codebooks have a compact form only in an nn.Embedding"
+    return None, f"no compact form for a {kind} Θ"
+
+
+def describe_compact(
+    param: str, shape: Sequence[int], spec: Mapping[str, Any] | None, owner: type | None = None,
+    sparse_density: float = SPARSE_CROSSOVER_DENSITY,
+) -> tuple[str, str]:
+    """What ``lc.load(..., compact=True)`` (:func:`compact_model`) makes of the layer owning weight ``param``:
+    (the compact class name, or ``"dense"``; why, in words).
+
+    Args:
+        param: the weight's parameter name (only a module's ``weight`` gets a compact layer).
+        shape: its shape.
+        spec: its spec from :func:`task_specs` (``None``: its Θ has no compact form, e.g. a sum).
+        owner: the owning module's type; ``None`` guesses it from the shape, as a file alone cannot tell: row
+            codebooks belong to an ``nn.Embedding``, another 2-D weight to an ``nn.Linear``, a 4-D one to an
+            ``nn.Conv2d``.
+        sparse_density: as in :func:`compact_model`.
+    """
+    if spec is None:
+        return "dense", "its Θ has no compact form: Δ(Θ) is the layer's weight"
+    if param.rpartition(".")[2] != "weight":
+        return "dense", "only a module's weight gets a compact layer"
+    if owner is None:
+        owner = {2: nn.Linear, 4: nn.Conv2d}.get(len(shape))
+        if spec.get("kind") == "rowcodebook" and len(shape) == 2:
+            owner = nn.Embedding
+    if owner not in (nn.Linear, nn.Conv2d, nn.Embedding):
+        return "dense", f"no compact layer for a {len(shape)}-D weight"
+    cls, why = _compact_choice(owner, spec, math.prod(shape), sparse_density)
+    return (cls.__name__ if cls is not None else "dense"), why
+
+
+def _compact_layer(mod: nn.Module, spec: Mapping[str, Any], sparse_density: float, pname: str) -> nn.Module | None:
+    cls, why = _compact_choice(type(mod), spec, mod.weight.numel(), sparse_density,
+                               groups=getattr(mod, "groups", 1), max_norm=getattr(mod, "max_norm", None))
+    if cls is None:
+        logger.info("compact_model: %s kept dense: %s", pname, why)
+        return None
+    if cls is CodebookEmbedding:
+        return CodebookEmbedding.from_codes(mod, spec["codebook"], spec["codes"])
+    if cls in (CodebookLinear, CodebookConv2d):
+        return cls.from_codes(mod, spec["codebook"], spec["codes"])
+    if cls is LowRankLinear:
+        return LowRankLinear.from_factors(mod, spec["A"], spec["B"])
+    if cls is LowRankConv2d:
+        return LowRankConv2d.from_factors(mod, spec["A"], spec["B"], spec.get("conv_scheme", "scheme_1"))
+    return SparseLinear.from_indices(mod, spec["indices"], spec["values"])
