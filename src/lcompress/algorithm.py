@@ -13,7 +13,7 @@ from .compressions.base import Compression
 from .sizes import compression_ratio, dense_bits
 from .tasks import Task, resolve_tasks, unwrap_model
 
-__all__ = ["LC", "clip_lr", "clip_lr_adaptive"]
+__all__ = ["LC", "clip_lr", "clip_lr_adaptive", "size_report"]
 
 logger = logging.getLogger(__name__)
 
@@ -218,6 +218,51 @@ def _check_finite_weights(tasks: list[Task]) -> None:
                         f"(parameter {name!r}: {bad} of {p.numel()} values); check the model or the checkpoint it "
                         "was loaded from (did its training diverge?)"
                     )
+
+
+def size_report(model: nn.Module, tasks: list[Task]) -> dict[str, Any]:
+    """What a ``.lcz`` file of ``model`` with these compressed ``tasks`` stores, in bits: see
+    :meth:`LC.size_report` (which is this over the LC object's model and tasks)."""
+    compressed_ids = {id(p) for t in tasks for p in t.params}
+    seen: set[int] = set()
+    ref = other = 0
+    for v in model.state_dict(keep_vars=True).values():
+        if id(v) in seen:
+            continue
+        seen.add(id(v))
+        b = dense_bits(v)
+        ref += b
+        if id(v) not in compressed_ids:
+            other += b
+    rows = []
+    for t in tasks:
+        bits = t.compression.count_bits()
+        tref = sum(dense_bits(p) for p in t.params)
+        rows.append(
+            {
+                "task": t.name,
+                "compression": repr(t.compression),
+                "params": list(t.param_names),
+                "weights": t.numel,
+                "stored_values": t.compression.count_params(),
+                "bits": bits,
+                "reference_bits": tref,
+                "ratio": compression_ratio(tref, bits),
+            }
+        )
+    task_ref, task_bits = sum(r["reference_bits"] for r in rows), sum(r["bits"] for r in rows)
+    comp = other + task_bits
+    scopes = {name: {"reference_bits": r, "compressed_bits": c, "ratio": compression_ratio(r, c)}
+              for name, r, c in (("model", ref, comp), ("compressed", task_ref, task_bits),
+                                 ("uncompressed", other, other))}
+    return {
+        "reference_bits": ref,
+        "compressed_bits": comp,
+        "ratio": scopes["model"]["ratio"],
+        "other_bits": other,
+        "tasks": rows,
+        "scopes": scopes,
+    }
 
 
 class LC:
@@ -531,46 +576,7 @@ class LC:
             compressions achieved), and the rest (ratio 1). A model whose uncompressed part dominates (an embedding
             table left dense) has a ``model`` ratio far below its ``compressed`` one.
         """
-        compressed_ids = {id(p) for p in self._params}
-        seen: set[int] = set()
-        ref = other = 0
-        for v in self.model.state_dict(keep_vars=True).values():
-            if id(v) in seen:
-                continue
-            seen.add(id(v))
-            b = dense_bits(v)
-            ref += b
-            if id(v) not in compressed_ids:
-                other += b
-        rows = []
-        for t in self.tasks:
-            bits = t.compression.count_bits()
-            tref = sum(dense_bits(p) for p in t.params)
-            rows.append(
-                {
-                    "task": t.name,
-                    "compression": repr(t.compression),
-                    "params": list(t.param_names),
-                    "weights": t.numel,
-                    "stored_values": t.compression.count_params(),
-                    "bits": bits,
-                    "reference_bits": tref,
-                    "ratio": compression_ratio(tref, bits),
-                }
-            )
-        task_ref, task_bits = sum(r["reference_bits"] for r in rows), sum(r["bits"] for r in rows)
-        comp = other + task_bits
-        scopes = {name: {"reference_bits": r, "compressed_bits": c, "ratio": compression_ratio(r, c)}
-                  for name, r, c in (("model", ref, comp), ("compressed", task_ref, task_bits),
-                                     ("uncompressed", other, other))}
-        return {
-            "reference_bits": ref,
-            "compressed_bits": comp,
-            "ratio": scopes["model"]["ratio"],
-            "other_bits": other,
-            "tasks": rows,
-            "scopes": scopes,
-        }
+        return size_report(self.model, self.tasks)
 
     def _size_line(self) -> str:
         r = self.size_report()
