@@ -11,6 +11,7 @@ import csv
 import io
 import json
 import logging
+import math
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -18,7 +19,8 @@ from typing import Any, Callable
 from ._io import atomic_write, atomic_write_text
 from .config import RunConfig, parse_config
 
-__all__ = ["SCHEMES", "PEERS", "BASE", "scheme_config", "run_demo", "plot_tradeoff", "write_csv", "format_table"]
+__all__ = ["SCHEMES", "PEERS", "BASE", "scheme_config", "run_demo", "plot_schemes", "plot_tradeoff", "write_csv",
+           "format_table"]
 
 logger = logging.getLogger(__name__)
 
@@ -186,18 +188,154 @@ def run_demo(
         )
         atomic_write_text(json.dumps(rows, indent=2), out / "summary.json")
     write_csv(rows, out / "summary.csv")
-    plot_tradeoff(
-        {
-            "LC": [(r["ratio"], r["test_error"], r["scheme"]) for r in rows],
-            "best peer": [(r["peer_ratio"], r["peer_error"], r["scheme"]) for r in rows if r["peer"]],
-            "direct compression": [(r["dc_ratio"], r["dc_error"], r["scheme"]) for r in rows],
-        },
-        out / "tradeoff.png",
-        reference_error=rows[0]["reference_error"] if rows else None,
-        title="LeNet300 on Fashion-MNIST: LC vs its best peer and direct compression",
-        focus=["LC", "best peer"],
-    )
+    plot_schemes(rows, out / "tradeoff.png",
+                 title="LeNet300 on Fashion-MNIST: LC vs its best peer and direct compression")
     return rows
+
+
+#: the short names the trade-off plot labels a peer's point with
+PEER_LABELS = {"scaled_sign_ste": "sign STE", "ste_codebook": "STE", "gmp": "GMP", "oneshot_prune": "one-shot",
+               "ste_codebook_gmp": "STE+GMP"}
+
+_METHOD_MARKERS = {"LC": "o", "peer": "s", "DC": "^"}
+
+
+def plot_schemes(rows: list[dict[str, Any]], path: str | Path, title: str = "") -> None:
+    """The demo's trade-off plot: test error against compression ratio (log x), one colour per scheme.
+
+    Each scheme's direct compression (triangle), best peer (square) and LC result (circle) are joined by a line in
+    the scheme's colour, and every point is labelled: LC with the scheme's name, the peer with its method, DC as
+    "DC". The y range is set by the LC and peer errors and the reference; a DC error above it is drawn at the top
+    edge, labelled with its value and an arrow. Labels are placed where they overlap no other label or marker
+    (right of the point, else left, else higher or lower).
+
+    Args:
+        rows: :func:`run_demo`'s rows (``scheme``, ``ratio``, ``test_error``, ``dc_ratio``, ``dc_error``,
+            ``peer``, ``peer_ratio``, ``peer_error``, ``reference_error``); a missing value leaves its point out.
+        path: the image file (its suffix picks the format), written atomically.
+        title: the plot's title.
+    """
+    fig = _schemes_figure(rows, title)
+    import matplotlib.pyplot as plt
+
+    png = io.BytesIO()
+    fig.savefig(png, format=Path(path).suffix.lstrip(".") or "png", dpi=120)
+    plt.close(fig)
+    atomic_write(path, lambda f: f.write(png.getvalue()))
+
+
+def _schemes_figure(rows: list[dict[str, Any]], title: str = ""):
+    """The figure of :func:`plot_schemes` (kept open for the caller). Each point's label is an annotation whose
+    ``gid`` is ``"<scheme>/<LC|peer|DC>"``; each scheme's joining line has ``gid`` ``"<scheme>"``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+    from matplotlib.lines import Line2D
+
+    def point(x, y):
+        return None if x is None or y is None else (float(x), float(y))
+
+    schemes = []  # (scheme, colour, [(method, (x, y), label)])
+    for i, r in enumerate(rows):
+        pts = [("DC", point(r.get("dc_ratio"), r.get("dc_error")), "DC"),
+               ("peer", point(r.get("peer_ratio"), r.get("peer_error")) if r.get("peer") else None,
+                PEER_LABELS.get(r.get("peer"), str(r.get("peer")))),
+               ("LC", point(r.get("ratio"), r.get("test_error")), str(r["scheme"]))]
+        schemes.append((str(r["scheme"]), f"C{i % 10}", [(m, xy, lab) for m, xy, lab in pts if xy is not None]))
+    ref = next((r["reference_error"] for r in rows if r.get("reference_error") is not None), None)
+    focus = [xy[1] for _, _, pts in schemes for m, xy, _ in pts if m != "DC"]
+    everything = [xy[1] for _, _, pts in schemes for _, xy, _ in pts]
+    fig, ax = plt.subplots(figsize=(9, 5.5))
+    top = None
+    if focus:
+        lo = min(everything + ([ref] if ref is not None else []))
+        hi = max(focus + ([ref] if ref is not None else []))
+        pad = max(0.15 * (hi - lo), 0.2)
+        top = hi + 2 * pad
+        ax.set_ylim(lo - pad, top)
+    xs = [xy[0] for _, _, pts in schemes for _, xy, _ in pts]
+    ax.set_xscale("log")
+    if xs:
+        x0, x1 = min(xs) / 1.35, max(xs) * 1.35
+        ax.set_xlim(x0, x1)
+        # plain ratios (1, 2, 5, 10, ...) instead of log-scale minor labels such as 3×10⁰, which crowd a short range
+        ticks = [m * 10.0**e for e in range(math.floor(math.log10(x0)), math.ceil(math.log10(x1)) + 1)
+                 for m in (1, 2, 5) if x0 <= m * 10.0**e <= x1]
+        ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    placed = []  # (label text, x, y drawn, colour, gid)
+    for name, colour, pts in schemes:
+        drawn = [(m, (x, y if top is None or y <= top else top), lab, top is not None and y > top, y)
+                 for m, (x, y), lab in pts]
+        if len(drawn) > 1:
+            ax.plot([d[1][0] for d in drawn], [d[1][1] for d in drawn], color=colour, linewidth=1, alpha=0.6,
+                    clip_on=False, gid=name)
+        for m, (x, y), lab, clipped, value in drawn:
+            ax.plot([x], [y], linestyle="none", marker=_METHOD_MARKERS[m], color=colour, markersize=7,
+                    markerfacecolor="white" if m == "DC" else colour, clip_on=False)
+            placed.append((f"{lab} {value:.1f}% ↑" if clipped else lab, x, y, colour, f"{name}/{m}"))
+    if ref is not None:
+        ax.axhline(ref, color="gray", linestyle=":")
+    ax.set_xlabel("compression ratio ρ (log scale)")
+    ax.set_ylabel("test error (%)")
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    handles = [Line2D([], [], linestyle="none", marker="o", color="0.3", label="LC"),
+               Line2D([], [], linestyle="none", marker="s", color="0.3", label="best peer"),
+               Line2D([], [], linestyle="none", marker="^", color="0.3", markerfacecolor="white",
+                      label="direct compression (DC)"),
+               Line2D([], [], color="0.3", linewidth=1, alpha=0.6, label="one scheme: DC, peer, LC")]
+    if ref is not None:
+        handles.append(Line2D([], [], color="gray", linestyle=":", label=f"reference ({ref:.2f}%)"))
+    ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
+    fig.tight_layout()
+    _place_labels(fig, ax, placed)
+    return fig
+
+
+def _place_labels(fig, ax, items: list[tuple[str, float, float, str, str]]) -> None:
+    """Annotate each point (text, x, y, colour, gid) at the first offset whose box overlaps no label placed so far
+    and no marker, and stays inside the axes (the least overlapping one when none is free). Labels sit on a
+    translucent white box above the lines, so a joining line or the reference line behind one leaves it legible."""
+    renderer = fig.canvas.get_renderer()
+    to_px = ax.transData.transform
+    markers = [to_px((x, y)) for _, x, y, _, _ in items]
+    r = 6.0  # a marker's half-width in pixels, and some room
+    taken: list[tuple[float, float, float, float]] = [(px - r, py - r, px + r, py + r) for px, py in markers]
+    fbox = ax.get_window_extent(renderer)
+    # right of the point, then left, then ever further above or below (rows of 10 points)
+    candidates = [(dx, dy - 3, ha) for dy in (0, 10, -10, 20, -20, 30, -30, 40, -40, 50, -50)
+                  for dx, ha in ((5, "left"), (-5, "right"))]
+
+    def clash(b) -> float:
+        """How much of ``b`` overlaps the labels and markers so far, or lies outside the axes (pixels²)."""
+        inside = max(0.0, min(b.x1, fbox.x1) - max(b.x0, fbox.x0)) * max(0.0, min(b.y1, fbox.y1) - max(b.y0, fbox.y0))
+        out = b.width * b.height - inside
+        return out + sum(max(0.0, min(b.x1, x1) - max(b.x0, x0)) * max(0.0, min(b.y1, y1) - max(b.y0, y0))
+                         for x0, y0, x1, y1 in taken)
+
+    for text, x, y, colour, gid in items:
+        best = None
+        for dx, dy, ha in candidates:
+            a = ax.annotate(text, (x, y), textcoords="offset points", xytext=(dx, dy), fontsize=7, color=colour,
+                            ha=ha, annotation_clip=False, gid=gid, zorder=5,
+                            bbox={"boxstyle": "square,pad=0.1", "facecolor": "white", "edgecolor": "none",
+                                  "alpha": 0.75})
+            b = a.get_window_extent(renderer)
+            cost = clash(b)
+            a.remove()
+            if best is None or cost < best[0]:
+                best = (cost, dx, dy, ha)
+            if cost == 0:
+                break
+        _, dx, dy, ha = best
+        a = ax.annotate(text, (x, y), textcoords="offset points", xytext=(dx, dy), fontsize=7, color=colour, ha=ha,
+                        annotation_clip=False, gid=gid, zorder=5,
+                        bbox={"boxstyle": "square,pad=0.1", "facecolor": "white", "edgecolor": "none", "alpha": 0.75})
+        b = a.get_window_extent(renderer)
+        taken.append((b.x0, b.y0, b.x1, b.y1))
 
 
 def write_csv(rows: list[dict[str, Any]], path: str | Path) -> None:
