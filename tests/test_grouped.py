@@ -204,3 +204,19 @@ def test_group_wider_than_row_and_nm_not_dividing_name_the_task():
         lc.LC(model, {"weight": lc.NMPruning(2, 4)})
     with pytest.raises(ValueError, match="n=5"):
         lc.NMPruning(5, 4)
+
+
+def test_set_grid_takes_a_grid_chosen_elsewhere():
+    q = lc.GroupedIntQuantization(3, 4)
+    codes = torch.tensor([[-4, 3, 0, 1, 2, -1]])
+    scales = torch.tensor([[0.5, 0.25]])
+    d = q.set_grid(scales, codes)
+    assert torch.equal(d, torch.tensor([[-2.0, 1.5, 0.0, 0.5, 0.5, -0.25]]))
+    assert torch.equal(q.decompress(), d) and q.count_bits(lossless=False) == 6 * 3 + 2 * 16
+    with pytest.raises(ValueError, match=r"integers in \[-4, 3\]"):
+        q.set_grid(scales, codes + 1)
+    with pytest.raises(ValueError, match="need \\(1, 2\\)"):
+        q.set_grid(scales[:, :1], codes)
+    a = lc.GroupedIntQuantization(2, 6, symmetric=False)
+    d = a.set_grid(torch.tensor([[0.5]]), torch.tensor([[0, 1, 2, 3, 3, 0]]), mins=torch.tensor([[-1.0]]))
+    assert torch.equal(d, torch.tensor([[-1.0, -0.5, 0.0, 0.5, 0.5, -1.0]]))

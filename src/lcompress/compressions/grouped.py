@@ -209,6 +209,38 @@ class GroupedIntQuantization(Compression):
         self._theta = th
         return self._delta(rows, cols)
 
+    def set_grid(self, scales: Tensor, codes: Tensor, mins: Tensor | None = None) -> Tensor:
+        """Θ ← a grid chosen elsewhere (a peer method such as GPTQ picks its own scales and codes); returns Δ(Θ).
+
+        Args:
+            scales: (rows, groups) scales; stored at ``scale_dtype`` (Δ uses the stored values).
+            codes: (rows, cols) integer codes: symmetric in [−2^(b−1), 2^(b−1) − 1], asymmetric in [0, 2^b − 1].
+            mins: (rows, groups) offsets (asymmetric only).
+
+        Raises:
+            ValueError: shapes that do not fit, codes out of range, non-finite scales.
+        """
+        rows, cols = codes.shape
+        ng = _groups(cols, self.group)
+        if tuple(scales.shape) != (rows, ng):
+            raise ValueError(f"scales have shape {tuple(scales.shape)}; codes {tuple(codes.shape)} in groups of "
+                             f"{self.group} need ({rows}, {ng})")
+        lo = -(1 << (self.bits - 1)) if self.symmetric else 0
+        hi = lo + (1 << self.bits) - 1
+        if codes.numel() and (int(codes.min()) < lo or int(codes.max()) > hi or bool((codes != codes.round()).any())):
+            raise ValueError(f"codes must be integers in [{lo}, {hi}] for {self!r}")
+        if self.symmetric != (mins is None) or (mins is not None and tuple(mins.shape) != (rows, ng)):
+            raise ValueError(f"{self!r} needs mins of shape ({rows}, {ng})" if not self.symmetric
+                             else f"{self!r} is symmetric: give no mins")
+        sd = _SCALE_DTYPES[self.scale_dtype]
+        th = {"codes": (codes - lo).reshape(-1).to(torch.uint8), "scales": scales.detach().to(sd)}
+        if mins is not None:
+            th["mins"] = mins.detach().to(sd)
+        if not all(bool(torch.isfinite(v.float()).all()) for k, v in th.items() if k != "codes"):
+            raise ValueError("scales and mins must be finite at scale_dtype")
+        self._theta, self._shape = th, (rows, cols)
+        return self._delta(rows, cols)
+
     def _delta(self, rows: int, cols: int) -> Tensor:
         th = self._theta
         return grouped_delta(th["scales"], th.get("mins"), th["codes"], self.bits, self.group, self.symmetric,
