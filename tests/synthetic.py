@@ -26,6 +26,9 @@ DIM = 16
 CLASSES = 4
 N_TRAIN = 512
 N_TEST = 256
+#: the times ``run_compress`` polls its ``should_stop`` before LC step 1 when the reference exists (after the data,
+#: the reference, direct compression and the start); after that it polls once per minibatch
+PHASE_POLLS = 4
 
 MODULE_SOURCE = f'''
 """Synthetic 4-class data (Gaussian blobs) for lcompress tests."""

@@ -447,7 +447,7 @@ def stopped_run(synth, workdir):
 
     def stop_in_step_3():
         calls.append(1)
-        return len(calls) > 2 * (S.N_TRAIN // 64) + 1
+        return len(calls) > S.PHASE_POLLS + 2 * (S.N_TRAIN // 64) + 1
 
     with pytest.raises(RunInterrupted):
         run_compress(load_config(cfg), run, progress=False, should_stop=stop_in_step_3)

@@ -167,7 +167,7 @@ def test_resume_with_a_changed_config_is_refused_and_force_proceeds(setup, tmp_p
 
     def stop_in_step_3():
         calls.append(1)
-        return len(calls) > 2 * BATCHES + 2
+        return len(calls) > S.PHASE_POLLS + 2 * BATCHES + 2
 
     with pytest.raises(RunInterrupted):
         run_compress(load_config(cfg), run, progress=False, should_stop=stop_in_step_3)

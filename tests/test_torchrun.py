@@ -334,7 +334,7 @@ def test_ranks_that_find_different_checkpoints_refuse_to_resume(setup, tmp_path)
 
     def stop_in_step_2():
         calls.append(1)
-        return len(calls) > BATCHES + 2
+        return len(calls) > S.PHASE_POLLS + BATCHES + 2
 
     with pytest.MonkeyPatch.context() as mp:
         mp.syspath_prepend(str(root))

@@ -204,6 +204,12 @@ def _parse_set(items: list[str] | None) -> dict[str, Any]:
     return out
 
 
+def _bars(args) -> bool:
+    """Progress bars only on a terminal: redirected to a file, a bar's redraws fill it (one LC step, or one epoch,
+    is logged as one line either way)."""
+    return not args.quiet and sys.stderr.isatty()
+
+
 # ---- subcommands ------------------------------------------------------------------------------------------------
 def _check_train_flags(args) -> None:
     import math
@@ -247,7 +253,7 @@ def cmd_train(args) -> int:
     data = load_data(cfg, args.data_dir)
     model = build_model(cfg)  # seeded by --seed
     hist = train_reference(model, data, args.epochs, lr=args.lr, lr_decay=args.lr_decay, batch_size=args.batch_size,
-                           seed=args.seed, device=args.device, progress=not args.quiet, weight_decay=args.weight_decay)
+                           seed=args.seed, device=args.device, progress=_bars(args), weight_decay=args.weight_decay)
     err = evaluate(model, data.x_test.to(args.device), data.y_test.to(args.device))
     out.parent.mkdir(parents=True, exist_ok=True)
     save_checkpoint(out, model, {"model": args.model, "args": model_args, "dataset": args.dataset, "epochs": args.epochs,
@@ -298,7 +304,7 @@ def _compress(args, rank: int, world: int) -> int:
     try:
         with stop.installed():
             res = run_compress(cfg, run_dir, resume=bool(args.resume), force=args.force, data_dir=args.data_dir,
-                               progress=not args.quiet and rank == 0, should_stop=stop,
+                               progress=_bars(args) and rank == 0, should_stop=stop,
                                on_ready=log.start if log is not None else None)
     except RunInterrupted as e:
         if rank == 0:
@@ -335,7 +341,7 @@ def cmd_sweep(args) -> int:
     with stop.installed():
         rows = run_sweep(args.config, args.vary, values, out, overrides=_parse_set(args.set),
                          baselines=args.baselines.split(",") if args.baselines else None,
-                         data_dir=args.data_dir, progress=not args.quiet, should_stop=stop, on_ready=log.start,
+                         data_dir=args.data_dir, progress=_bars(args), should_stop=stop, on_ready=log.start,
                          trust_code=args.trust_code)
     print(format_table(rows, [("value", args.vary, "s"), ("method", "method", "s"), ("test_error", "test error %", ".2f"),
                               ("ratio", "ratio", ".2f")]))
@@ -373,7 +379,7 @@ def cmd_demo(args) -> int:
         try:
             with stop.installed():
                 rows = run_demo(out, args.reference, schemes=schemes, steps=args.steps, data_dir=args.data_dir,
-                                progress=not args.quiet, should_stop=stop, peers=not args.no_peers)
+                                progress=_bars(args), should_stop=stop, peers=not args.no_peers)
         except Exception as e:
             from .experiment import RunInterrupted
 
@@ -421,7 +427,7 @@ def _export_run(args, run: Path) -> int:
 
     from .algorithm import LC
     from .config import ConfigError
-    from .experiment import build_model
+    from .experiment import build_model, reference_path
 
     for f in ("config.json", "lc_state.pt"):
         if not (run / f).is_file():
@@ -437,17 +443,17 @@ def _export_run(args, run: Path) -> int:
             model.load_state_dict(ck["model"])
         except (KeyError, TypeError, RuntimeError) as e:
             raise ConfigError(f"{ckpt}: its model does not fit the run's config ({_one_line(e)})") from None
-    elif cfg.reference.checkpoint and Path(cfg.reference.checkpoint).is_file():
+    elif (ref := reference_path(cfg, run)) is not None and ref.is_file():  # (run/reference.pt if none is named)
         from .training import load_checkpoint
 
         logger.warning("%s is missing: the uncompressed weights in the file are the reference's", ckpt)
         try:
-            load_checkpoint(cfg.reference.checkpoint, model)
+            load_checkpoint(ref, model)
         except (ValueError, RuntimeError) as e:
-            raise ConfigError(f"reference.checkpoint={cfg.reference.checkpoint!r}: {_one_line(e)}") from None
+            raise ConfigError(f"reference.checkpoint={str(ref)!r}: {_one_line(e)}") from None
     else:
         raise ConfigError(f"{str(run)!r}: neither checkpoint.pt nor the reference checkpoint "
-                          f"{cfg.reference.checkpoint!r} is there to take the uncompressed weights from")
+                          f"{str(ref) if ref is not None else None!r} is there to take the uncompressed weights from")
     state = _torch_file(run / "lc_state.pt")
     alg = LC(model, cfg.task_map(), multipliers=cfg.lc.multipliers)
     try:
@@ -546,7 +552,7 @@ def cmd_peer(args) -> int:
     stop = _Stop()
     try:
         with stop.installed():
-            res = run_peer(cfg, run_dir, data_dir=args.data_dir, overwrite=args.overwrite, progress=not args.quiet,
+            res = run_peer(cfg, run_dir, data_dir=args.data_dir, overwrite=args.overwrite, progress=_bars(args),
                            should_stop=stop)
     except RunInterrupted as e:
         print(f"lcompress: interrupted: {e}", file=sys.stderr)

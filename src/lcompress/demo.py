@@ -161,7 +161,7 @@ def run_demo(
     cfgs = {n: parse_config(scheme_config(n, str(reference), steps)) for n in names}
     first = next(iter(cfgs.values()))
     data = load_data(first, data_dir)
-    prepare_reference(first, data, progress=progress)  # trains and caches it once, if needed
+    prepare_reference(first, data, progress=progress, should_stop=should_stop)  # trains and caches it once, if needed
     rows = []
     for n in names:
         t = time.perf_counter()

@@ -9,6 +9,8 @@ schedule and SGD L steps, evaluates Δ(Θ) on the test set, and keeps a run dire
 * ``checkpoint.pt`` — model, optimizer, LC state, RNG states and results after the last finished step, written
   atomically (temporary file, fsync, rename), so a run killed at any moment resumes from the last good one;
 * ``lc_state.pt`` — the final LC state; ``model.lcz`` — the compact compressed model (when export is available);
+* ``reference.pt`` — the reference, when the config names no ``reference.checkpoint`` and trains one
+  (``reference.train_epochs``); the run directory is created and locked before that training starts;
 * ``.lock`` — while a process runs there: one process per run directory (a second one is refused).
 
 Distributed: under ``torchrun`` every rank calls :func:`run_compress`; each reads its shard of every batch, the
@@ -38,12 +40,14 @@ from ._rundir import LOCK_NAME, DirectoryLock, remove_stale_temporaries
 from .config import BUILTIN_DATASETS, ConfigError, RunConfig, check_device, config_diff, resolve_entry_point
 from .data import Dataset, batches
 from .schedules import auto_schedule, geometric
-from .training import evaluate, load_checkpoint, save_checkpoint, train_reference
+from .training import (TrainingStopped, estimate_epoch_seconds, evaluate, load_checkpoint, save_checkpoint,
+                       train_reference)
 
 __all__ = [
     "load_data",
     "build_model",
     "prepare_reference",
+    "reference_path",
     "run_compress",
     "measure_loss_and_grad",
     "atomic_save",
@@ -55,8 +59,10 @@ logger = logging.getLogger(__name__)
 
 RUN_FORMAT = "lcompress-run"
 RUN_VERSION = 1
+#: where a reference is trained to when the config names no ``reference.checkpoint``: in the run directory
+REFERENCE_NAME = "reference.pt"
 #: the files of a run directory (besides log.txt and the lock)
-RUN_FILES = ("config.json", "results.json", "checkpoint.pt", "lc_state.pt", "model.lcz")
+RUN_FILES = ("config.json", "results.json", "checkpoint.pt", "lc_state.pt", "model.lcz", REFERENCE_NAME)
 
 
 class RunInterrupted(Exception):
@@ -148,18 +154,65 @@ def check_device_available(device: str, what: str = "device") -> torch.device:
     return dev
 
 
-def prepare_reference(cfg: RunConfig, data: Dataset, progress: bool = True, is_writer: bool = True) -> tuple[nn.Module, dict]:
+def reference_path(cfg: RunConfig, run_dir: str | Path | None = None) -> Path | None:
+    """Where the config's reference checkpoint is: ``reference.checkpoint`` as the config names it (a relative
+    path is relative to the current directory), or, when it names none and ``reference.train_epochs > 0``,
+    ``run_dir/reference.pt`` (None without a ``run_dir``, or with nothing to train)."""
+    ref = cfg.reference
+    if ref.checkpoint is not None:
+        return Path(ref.checkpoint)
+    if ref.train_epochs > 0 and run_dir is not None:
+        return Path(run_dir) / REFERENCE_NAME
+    return None
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{max(seconds, 1):.0f} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def prepare_reference(
+    cfg: RunConfig,
+    data: Dataset,
+    progress: bool = True,
+    is_writer: bool = True,
+    *,
+    run_dir: str | Path | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    before_training: Callable[[nn.Module], None] | None = None,
+) -> tuple[nn.Module, dict]:
     """Load the reference checkpoint, or train it when ``reference.train_epochs > 0`` and it does not exist.
 
+    The checkpoint is ``reference.checkpoint``, or without one ``run_dir/reference.pt`` (see
+    :func:`reference_path`). Before training, one INFO line says where the reference goes (its absolute path),
+    for how many epochs, and about how long that takes on this machine (timed on a few minibatches, see
+    :func:`lcompress.training.estimate_epoch_seconds`).
+
+    Args:
+        cfg: the configuration.
+        data: the data the reference is trained on.
+        progress: a progress bar while training.
+        is_writer: save the trained reference (under torchrun only rank 0 does).
+        run_dir: the run directory, where a reference goes that the config names no path for.
+        should_stop: polled after every training minibatch; True stops the training, saves nothing and raises
+            :class:`RunInterrupted`.
+        before_training: called with the (untrained) model just before the training starts, and only then (the
+            run validates its tasks and opens its run directory there).
+
     Raises:
-        ConfigError: no checkpoint configured, the file is missing and training is not enabled, or it is not an
-            lcompress checkpoint of the config's model (the model is then untouched).
+        ConfigError: no checkpoint configured (and none to train), the file is missing and training is not
+            enabled, or it is not an lcompress checkpoint of the config's model (the model is then untouched).
+        RunInterrupted: ``should_stop`` returned True during the training (no file was written for it).
     """
     model = build_model(cfg).to(check_device_available(cfg.device))
     ref = cfg.reference
-    if ref.checkpoint is None:
-        raise ConfigError("reference.checkpoint: a reference model checkpoint is needed (train one with `lcompress train`)")
-    path = Path(ref.checkpoint)
+    path = reference_path(cfg, run_dir)
+    if path is None:
+        raise ConfigError("reference.checkpoint: a reference model checkpoint is needed (train one with "
+                          "`lcompress train`, or set reference.train_epochs to train it in the run directory)")
     if path.is_file():
         try:
             meta = load_checkpoint(path, model)
@@ -174,11 +227,20 @@ def prepare_reference(cfg: RunConfig, data: Dataset, progress: bool = True, is_w
             f"reference.checkpoint={str(path)!r}: file not found (train it with `lcompress train --out {path}` "
             "or set reference.train_epochs)"
         )
-    logger.info("training the reference model for %d epochs -> %s", ref.train_epochs, path)
-    train_reference(
-        model, data, ref.train_epochs, lr=ref.lr, lr_decay=ref.lr_decay, batch_size=ref.batch_size,
-        seed=cfg.seed, device=cfg.device, progress=progress,
-    )
+    if before_training is not None:
+        before_training(model)
+    epoch = estimate_epoch_seconds(model, data, ref.batch_size, cfg.device)
+    logger.info("training the reference model (%s on %s, %d epochs, about %s on this machine; Ctrl-C stops it) -> %s",
+                cfg.model.name, cfg.data.dataset, ref.train_epochs, _duration(epoch * ref.train_epochs),
+                path.absolute())
+    try:
+        train_reference(
+            model, data, ref.train_epochs, lr=ref.lr, lr_decay=ref.lr_decay, batch_size=ref.batch_size,
+            seed=cfg.seed, device=cfg.device, progress=progress, should_stop=should_stop,
+        )
+    except TrainingStopped as e:
+        raise RunInterrupted(f"stopped while training the reference ({e}); nothing was saved for it, so running "
+                             "the command again trains it from the start") from None
     err = evaluate(model, data.x_test, data.y_test)
     meta = {"model": cfg.model.name, "args": cfg.model.args, "dataset": cfg.data.dataset,
             "epochs": ref.train_epochs, "seed": cfg.seed, "test_error": err}
@@ -383,7 +445,9 @@ def run_compress(
         data: already loaded data (otherwise loaded from the config).
         data_dir: overrides ``data.dir``.
         progress: show a progress bar (rank 0 only).
-        should_stop: polled between minibatches; True stops the run after saving what is done so far.
+        should_stop: polled between minibatches (the reference's training included) and between the phases
+            before the LC steps; True stops the run after saving what is done so far (a reference stopped in its
+            training is not saved).
         export: write ``model.lcz`` at the end.
         on_ready: called once everything was validated and the run directory exists, before the first write to
             it beyond ``config.json`` (the CLI opens its log file there then).
@@ -469,6 +533,8 @@ class _Run:
     ckpt_path: Path
     cfg_dict: dict[str, Any]
     locked: bool = False  # the run directory existed as one and is locked already
+    opened: bool = False  # _open_run_dir has run
+    ref_path: Path | None = None  # the reference checkpoint (reference_path)
     diff: list[str] = field(default_factory=list)  # config fields changed since the run being resumed
     ck: dict[str, Any] | None = None  # the checkpoint resumed from
     model: nn.Module | None = None
@@ -495,8 +561,9 @@ def _run_compress(cfg, out, resume, force, data, data_dir, progress, should_stop
     rank, world = _dist_info()
     run = _Run(cfg, out, rank, world, check_device_available(cfg.device), out / "checkpoint.pt", cfg.to_dict())
     _check_run_dir(run, resume, force, held)
-    _build(run, data, data_dir, progress)
+    _build(run, data, data_dir, progress, should_stop, lambda: _open_run_dir(run, resume, on_ready, held))
     _start_or_restore(run)
+    _check_stop(run, should_stop)
     _open_run_dir(run, resume, on_ready, held)
     _lc_steps(run, progress, should_stop)
     return _finish(run, export)
@@ -538,14 +605,31 @@ def _check_run_dir(run: _Run, resume: bool, force: bool, held: list) -> None:
         _check_no_run(out)
 
 
-def _build(run: _Run, data: Dataset | None, data_dir: str | None, progress: bool) -> None:
-    """Data, reference model, tasks, LC object (direct compression) and the μ schedule."""
+def _build(run: _Run, data: Dataset | None, data_dir: str | None, progress: bool,
+           should_stop: Callable[[], bool] | None = None, open_run_dir: Callable[[], None] | None = None) -> None:
+    """Data, reference model, tasks, LC object (direct compression) and the μ schedule; a stop request is
+    honoured between these phases and during the reference's training. A reference that has to be trained is
+    trained only after the tasks were checked on the model and ``open_run_dir()`` opened (and locked) the run
+    directory, where its log then goes (and, when the config names no path, the reference itself)."""
     cfg, device = run.cfg, run.device
     if data is None:
         data = load_data(cfg, data_dir)
     run.tensors = (data.x_train.to(device), data.y_train.to(device), data.x_test.to(device), data.y_test.to(device))
-    model, ref_meta = prepare_reference(cfg, data, progress=progress and run.writer, is_writer=run.writer)
+    _check_stop(run, should_stop)
+    run.ref_path = reference_path(cfg, run.out)
+    if run.world > 1:
+        _check_same_reference(run.ref_path)
+
+    def before_training(model: nn.Module) -> None:
+        _check_tasks(model, cfg.task_map())  # a bad task key fails now, not after the training
+        if open_run_dir is not None:
+            open_run_dir()
+
+    model, ref_meta = prepare_reference(cfg, data, progress=progress and run.writer, is_writer=run.writer,
+                                        run_dir=run.out, should_stop=_batch_poll(should_stop, run.world),
+                                        before_training=before_training)
     run.ref_meta = ref_meta
+    _check_stop(run, should_stop)
     run.t0 = time.perf_counter()
     tasks = cfg.task_map()
     _check_tasks(model, tasks)
@@ -562,11 +646,49 @@ def _build(run: _Run, data: Dataset | None, data_dir: str | None, progress: bool
     schedule_changed = any(d.startswith("schedule.") for d in run.diff)
     if run.world > 1:
         _check_same_start(int(run.ck["step"]) if run.ck is not None else 0, run.out)
+    _check_stop(run, should_stop)
     if run.ck is not None and not schedule_changed:
         run.mus = [float(v) for v in json.loads(run.ck["results"])["schedule"]]
     else:
         run.mus = _mu_schedule(cfg, alg, model, data)
     run.model, run.ddp_model, run.alg, run.penalty = model, ddp_model, alg, penalty
+
+
+def _check_stop(run: _Run, should_stop: Callable[[], bool] | None) -> None:
+    """Between the phases before the LC steps: a stop request ends the run here (every rank at the same point).
+    Nothing of the LC steps was written yet, so the same command continues (a new run starts again; a resumed
+    one resumes again)."""
+    if _stop_requested(should_stop, run.world, 0, force=True):
+        step = int(run.ck["step"]) if run.ck is not None else 0
+        again = f"--resume {run.out}" if run.ck is not None else "the same command"
+        raise RunInterrupted(f"stopped before LC step {step + 1}; nothing was lost: {again} starts there")
+
+
+def _batch_poll(should_stop: Callable[[], bool] | None, world: int) -> Callable[[], bool] | None:
+    """A stop poll for the reference's training, one call per minibatch; under torch.distributed every rank trains
+    the same minibatches, so the ranks agree every few of them as in the LC steps (:func:`_stop_requested`)."""
+    if should_stop is None:
+        return None
+    count = [0]
+
+    def poll() -> bool:
+        count[0] += 1
+        return _stop_requested(should_stop, world, count[0])
+
+    return poll
+
+
+def _check_same_reference(path: Path | None) -> None:
+    """Every rank must see the reference checkpoint, or none of them: a rank that trains it while another loads
+    it would wait for the others in the training's stop polls."""
+    import torch.distributed as dist
+
+    has = int(path is not None and path.is_file())
+    t = torch.tensor([has, -has], dtype=torch.int64, device=_flag_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    if int(t[0]) != -int(t[1]):
+        raise ConfigError(f"reference.checkpoint={str(path)!r}: some ranks see the file and others do not; it must "
+                          "be on a filesystem every rank shares")
 
 
 def _start_or_restore(run: _Run) -> None:
@@ -601,7 +723,8 @@ def _start_or_restore(run: _Run) -> None:
         run.results = {
             "name": cfg.name,
             "config": run.cfg_dict,
-            "reference": {"test_error": ref_error, "checkpoint": cfg.reference.checkpoint, "meta": run.ref_meta},
+            "reference": {"test_error": ref_error, "checkpoint": str(run.ref_path) if run.ref_path else None,
+                          "meta": run.ref_meta},
             "direct_compression": {"test_error": dc_error, "mu": mus[-1] if penalty else None, **_sizes(dc_sizes)},
             "schedule": mus,
             "steps": [],
@@ -633,7 +756,11 @@ def _start_or_restore(run: _Run) -> None:
 
 
 def _open_run_dir(run: _Run, resume: bool, on_ready: Callable[[], None] | None, held: list) -> None:
-    """Create and lock a new run directory (meanwhile another run may have finished there) and write config.json."""
+    """Create and lock a new run directory (meanwhile another run may have finished there) and write config.json;
+    once per run (before the reference's training when there is one, else before the LC steps)."""
+    if run.opened:
+        return
+    run.opened = True
     out = run.out
     if run.writer:
         out.mkdir(parents=True, exist_ok=True)

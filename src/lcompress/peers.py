@@ -667,7 +667,8 @@ def run_peer(
         data: already loaded data (otherwise loaded from the config); ``data_dir`` overrides ``data.dir``.
         progress: a progress bar while the reference is trained, when it has to be (the peer itself logs one line
             per epoch).
-        should_stop: polled between minibatches; True stops the run (nothing is written).
+        should_stop: polled between minibatches (of the reference's training too); True stops the run (nothing is
+            written).
 
     Returns:
         the results dict: method, lr, reference, final (test_error, ratio, compressed_bits, file_bytes), history.
@@ -681,7 +682,7 @@ def run_peer(
     from ._io import atomic_write_text
     from ._rundir import DirectoryLock
     from .config import ConfigError
-    from .experiment import _export, _sizes, load_data, prepare_reference
+    from .experiment import _export, _sizes, load_data, prepare_reference, reference_path
 
     p = cfg.peer
     if not p.method:
@@ -693,7 +694,8 @@ def run_peer(
             raise ConfigError(f"run directory {str(out)!r} already holds results; pass --overwrite or another --out")
         if data is None:
             data = load_data(cfg, data_dir)
-        model, _ = prepare_reference(cfg, data, progress=progress)
+        # a reference the config names no path for is trained into this run directory
+        model, _ = prepare_reference(cfg, data, progress=progress, run_dir=out, should_stop=should_stop)
         ref_err = evaluate(model, data.x_test, data.y_test)
         tasks = cfg.peer_task_map()
         epochs = cfg.schedule.steps * cfg.schedule.epochs_per_step
@@ -716,7 +718,7 @@ def run_peer(
             "lr": lr,
             "epochs": epochs,
             "seed": cfg.seed,
-            "reference": {"checkpoint": cfg.reference.checkpoint, "test_error": ref_err},
+            "reference": {"checkpoint": str(reference_path(cfg, out)), "test_error": ref_err},
             "final": {"test_error": res.test_error, **_sizes(res.sizes)},
             "dc_max_abs_diff": res.dc_max_abs_diff,
             "history": res.history,

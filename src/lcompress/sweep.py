@@ -121,6 +121,9 @@ def run_sweep(
     for v in values:
         cfg = load_config(config, {**(overrides or {}), vary: v}, trust_code=trust_code)
         cfg.name = f"{cfg.name}_{_slug(v)}"
+        if cfg.reference.checkpoint is None and cfg.reference.train_epochs > 0:
+            # one reference for the whole sweep, in its directory (not one per run directory)
+            cfg.reference.checkpoint = str(out / "reference.pt")
         cfgs.append(cfg)
     pruning = all(isinstance(c, ConstraintL0Pruning) for c in cfgs[0].task_map().values())
     wanted = set(baselines or (["dc", "retrain"] if pruning else ["dc"]))

@@ -24,7 +24,16 @@ PathLike = Union[str, "os.PathLike[str]"]
 CHECKPOINT_FORMAT = "lcompress-checkpoint"
 CHECKPOINT_VERSION = 1
 
-__all__ = ["train_reference", "evaluate", "save_checkpoint", "load_checkpoint"]
+__all__ = ["train_reference", "estimate_epoch_seconds", "TrainingStopped", "evaluate", "save_checkpoint",
+           "load_checkpoint"]
+
+
+class TrainingStopped(Exception):
+    """:func:`train_reference` stopped because its ``should_stop`` returned True (after a finished minibatch)."""
+
+    def __init__(self, epoch: int, epochs: int) -> None:
+        super().__init__(f"stopped in epoch {epoch} of {epochs}")
+        self.epoch, self.epochs = epoch, epochs
 
 
 def _model_device(model: nn.Module) -> torch.device:
@@ -74,6 +83,7 @@ def train_reference(
     device: Union[str, torch.device] = "cpu",
     augment: Optional[Callable[..., torch.Tensor]] = None,
     progress: bool = True,
+    should_stop: Optional[Callable[[], bool]] = None,
 ) -> list[dict[str, Any]]:
     """Train ``model`` on ``data.x_train, data.y_train`` with cross-entropy.
 
@@ -94,6 +104,10 @@ def train_reference(
     logged at INFO level.  Returns a list with one dict per epoch
     (``epoch``, ``lr``, ``loss``, ``train_error`` on the batches seen, in
     percent, and ``seconds``).
+
+    ``should_stop`` is polled after every minibatch; when it returns True
+    the training stops there and :class:`TrainingStopped` is raised (the
+    model holds the weights of the last minibatch: not a trained model).
     """
     if epochs < 0:
         raise ValueError(f"epochs must be >= 0, got {epochs}")
@@ -138,6 +152,8 @@ def train_reference(
                 seen += yb.shape[0]
                 if bar is not None:
                     bar.update(1)
+                if should_stop is not None and should_stop():
+                    raise TrainingStopped(epoch + 1, epochs)
             mean_loss = loss_sum.item() / max(seen, 1)
             train_err = 100.0 * wrong.item() / max(seen, 1)
             if not math.isfinite(mean_loss):
@@ -162,6 +178,54 @@ def train_reference(
         if bar is not None:
             bar.close()
     return history
+
+
+def estimate_epoch_seconds(
+    model: nn.Module, data: Dataset, batch_size: int = 128, device: Union[str, torch.device] = "cpu",
+    batches: int = 5,
+) -> float:
+    """About how long an epoch of :func:`train_reference` takes here: ``batches`` SGD steps (after one not timed)
+    on a copy of ``model``, scaled to the epoch's minibatches. ``model`` and the global RNG are left as they were.
+
+    Args:
+        model: the model to be trained (copied; its device is ``device``).
+        data: the training data (the first ``batch_size`` samples are used).
+        batch_size: the training's minibatch size.
+        device: where the training runs.
+        batches: timed minibatches (≥ 1).
+
+    Returns:
+        seconds per epoch (forward, backward and step; the per-epoch evaluation and logging are not counted).
+    """
+    import copy
+
+    if batches < 1:
+        raise ValueError(f"batches={batches!r} must be >= 1")
+    device = torch.device(device)
+    n = data.x_train.shape[0]
+    if n == 0:
+        return 0.0
+    probe = copy.deepcopy(model).to(device).train()
+    opt = torch.optim.SGD(probe.parameters(), lr=1e-3, momentum=0.9)
+    xb = data.x_train[:batch_size].to(device)
+    yb = data.y_train[:batch_size].to(device)
+    rng = torch.get_rng_state()  # dropout draws from it
+    try:
+        times = []
+        for i in range(batches + 1):
+            t0 = time.perf_counter()
+            loss = F.cross_entropy(probe(xb), yb)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            if i:  # the first one pays for allocations and lazy initialization
+                times.append(time.perf_counter() - t0)
+    finally:
+        torch.set_rng_state(rng)
+    per_batch = sorted(times)[len(times) // 2]  # the median: a busy machine's outliers do not set it
+    return per_batch * ((n + batch_size - 1) // batch_size)
 
 
 def save_checkpoint(path: PathLike, model: nn.Module, meta: Optional[dict] = None) -> None:
