@@ -173,3 +173,31 @@ def test_a_stop_before_lc_step_1_writes_nothing(synth, tmp_path):
     with pytest.raises(RunInterrupted, match=r"stopped before LC step 1; nothing was lost: the same command starts"):
         run_compress(cfg, work / "run", progress=False, should_stop=stop)
     assert polls == [1] and not (work / "run").exists()
+
+
+def test_the_training_time_estimate_leaves_the_model_and_the_rng_as_they_were(synth):
+    import importlib
+
+    import torch
+
+    from lcompress.models import get_model
+    from lcompress.training import TrainingStopped, estimate_epoch_seconds, train_reference
+
+    data = importlib.import_module(S.MODULE_NAME).load()
+    torch.manual_seed(0)
+    model = get_model("mlp", sizes=S.SIZES)
+    model.eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = torch.get_rng_state()
+    per_epoch = estimate_epoch_seconds(torch.nn.Sequential(model, torch.nn.Dropout(0.5)), data, batch_size=64)
+    assert per_epoch > 0
+    assert not model.training and all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert torch.equal(torch.get_rng_state(), rng)  # the dropout's draws were put back
+    with pytest.raises(ValueError, match="batches=0"):
+        estimate_epoch_seconds(model, data, batches=0)
+    # the training it estimates stops right after the minibatch whose poll said so
+    polls = []
+    with pytest.raises(TrainingStopped, match="stopped in epoch 1 of 4"):
+        train_reference(model, data, 4, batch_size=64, progress=False,
+                        should_stop=lambda: polls.append(1) or len(polls) == 3)
+    assert len(polls) == 3
