@@ -201,3 +201,17 @@ def test_the_training_time_estimate_leaves_the_model_and_the_rng_as_they_were(sy
         train_reference(model, data, 4, batch_size=64, progress=False,
                         should_stop=lambda: polls.append(1) or len(polls) == 3)
     assert len(polls) == 3
+
+
+def test_a_sweep_trains_one_reference_in_its_own_directory(synth, tmp_path):
+    from lcompress.sweep import run_sweep
+
+    mod, work = synth
+    cfg = config_training_a_reference(tmp_path / "cfg.toml", epochs=2, steps=1)
+    rows = run_sweep(cfg, "tasks.0.compression.k", [2, 4], work / "sweep", progress=False)
+    assert {r["method"] for r in rows} == {"LC", "DC"}
+    # one reference, in the sweep's directory, used by both runs (not one per run directory)
+    assert files_under(work) >= {"sweep/reference.pt", "sweep/2/results.json", "sweep/4/results.json"}
+    assert not [f for f in files_under(work) if f.endswith("reference.pt") and f != "sweep/reference.pt"]
+    refs = {json.loads((work / "sweep" / v / "results.json").read_text())["reference"]["checkpoint"] for v in "24"}
+    assert refs == {str(work / "sweep" / "reference.pt")}

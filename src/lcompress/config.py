@@ -87,7 +87,7 @@ class DataConfig:
 
 @dataclass
 class ReferenceConfig:
-    checkpoint: str | None = None
+    checkpoint: str | None = None  # relative to the current directory; None: RUN/reference.pt when it is trained
     train_epochs: int = 0  # > 0: train the reference when the checkpoint does not exist yet
     lr: float = 0.1
     lr_decay: float = 0.95
