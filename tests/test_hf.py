@@ -296,6 +296,12 @@ def test_load_gguf_file(tmp_path, llama, bpe, tokenizer, no_network):
     assert isinstance(model, transformers.LlamaForCausalLM) and not model.training
     same_logits(llama, model, len(tokenizer))
     assert tok("the lazy dog", add_special_tokens=False)["input_ids"] == bpe.encode("the lazy dog").ids
+    # a plain float model, no longer marked quantized: it casts and saves as a checkpoint that loads back
+    assert getattr(model, "hf_quantizer", None) is None and getattr(model.config, "quantization_config", None) is None
+    model.float()
+    model.save_pretrained(tmp_path / "saved")
+    tok.save_pretrained(tmp_path / "saved")
+    same_logits(llama, hf.load_causal_lm(tmp_path / "saved")[0], len(tokenizer))
     # a truncated copy is refused with one line naming it
     cut = tmp_path / "cut.gguf"
     cut.write_bytes(path.read_bytes()[: path.stat().st_size - 1000])

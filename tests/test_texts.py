@@ -301,7 +301,8 @@ def test_html_paragraphs_keeps_prose_only():
     <ul class="docnav top"><li class="previous"><a href="a.html"><strong>Prev</strong></a></li></ul>
     <div class="section"><div class="titlepage"><h2 class="title">6.2. Commands</h2></div>
     <div class="para">
-        <acronym>APT</acronym> is a <em>vast</em> project;   run <code class="command">apt&nbsp;update</code> &amp; wait.
+        <acronym>APT</acronym> is a <em>vast</em> project;   run
+        <code class="command">apt&nbsp;update</code> &amp; wait.
     </div>
     <div class="para">Before the listing:<pre class="screen"><code>$ apt update\nHit:1 http://deb</code></pre>
     after it.</div>

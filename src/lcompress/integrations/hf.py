@@ -5,7 +5,7 @@ calibration windows, perplexity, sentence embeddings, and the transformer blocks
 >>> model, tok = hf.load_causal_lm(hf.smollm2_gguf_path())                              # doctest: +SKIP
 >>> calib = hf.token_windows(tok, open("data/texts/calib.txt").read(), n=128, seqlen=512)  # doctest: +SKIP
 >>> hf.perplexity(model, tok, open("data/texts/eval.txt").read())["perplexity"]         # doctest: +SKIP
->>> prefix, blocks = hf.decoder_layers(model)                    # "model.layers", 30 LlamaDecoderLayers  # doctest: +SKIP
+>>> prefix, blocks = hf.decoder_layers(model)  # "model.layers", 30 LlamaDecoderLayers      # doctest: +SKIP
 
 Needs ``pip install 'lcompress[hf]'`` (transformers, gguf, accelerate). transformers is imported on first use, so this
 module imports without it, and ``import lcompress`` never imports it. Nothing here reaches the network: every
@@ -54,7 +54,9 @@ def _transformers():
     try:
         import transformers
     except ImportError as e:
-        raise ImportError(f"lcompress.integrations.hf needs transformers, which is not installed: {INSTALL_HINT}") from e
+        raise ImportError(
+            f"lcompress.integrations.hf needs transformers, which is not installed: {INSTALL_HINT}"
+        ) from e
     return transformers
 
 
@@ -154,6 +156,27 @@ def _check_gguf(path: Path) -> None:
         raise ValueError(f"{path}: unreadable or truncated GGUF file ({_one_line(e)})") from None
 
 
+def _drop_gguf_quantizer(model: nn.Module, path: Path) -> None:
+    """A de-quantized GGUF model is a plain float model, but transformers still marks it quantized (its GGUF
+    quantizer attached), which refuses ``.float()``, ``.to(dtype)`` and ``save_pretrained``. Once every weight is
+    checked to be a plain float tensor, the mark goes."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is None:
+        return
+    packed = [n for n, m in model.named_modules() if "gguf" in type(m).__name__.lower()]
+    packed += [n for n, t in model.named_parameters() if not t.is_floating_point()]
+    if packed:
+        raise ValueError(f"{path}: transformers kept GGUF weights packed (e.g. {packed[0]!r}) instead of "
+                         "de-quantizing them to float")
+    if hasattr(quantizer, "remove_quantization_config"):
+        quantizer.remove_quantization_config(model)
+    else:  # pragma: no cover - older transformers
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.is_quantized = False
+
+
 def load_causal_lm(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, Any]:
     """Load a causal language model and its tokenizer, offline, in eval mode, as a float model.
 
@@ -179,22 +202,27 @@ def load_causal_lm(path: str | Path, dtype: torch.dtype = torch.float32) -> tupl
         raise FileNotFoundError(f"model path not found: {p}")
     tf = _transformers()
     t0 = time.perf_counter()
+    extra_model: dict[str, Any] = {}
     if p.is_file():
         _check_gguf(p)
         where, extra = str(p.parent), {"gguf_file": p.name}
+        if hasattr(tf, "GgufConfig"):  # newer transformers may keep GGUF blocks packed; we want float weights
+            extra_model = {"quantization_config": tf.GgufConfig(gguf_file=p.name, dequantize=True)}
     elif (p / "config.json").is_file():
         where, extra = str(p), {}
     else:
         raise ValueError(f"{p}: neither a .gguf file nor a Hugging Face checkpoint directory (no config.json)")
     try:
         with _quiet_hub():
-            model = tf.AutoModelForCausalLM.from_pretrained(where, local_files_only=True, **extra,
+            model = tf.AutoModelForCausalLM.from_pretrained(where, local_files_only=True, **extra, **extra_model,
                                                             **_dtype_kwarg(dtype))
             tokenizer = tf.AutoTokenizer.from_pretrained(where, local_files_only=True, **extra)
     except (ImportError, MemoryError, KeyboardInterrupt):
         raise
     except Exception as e:
         raise ValueError(f"{p}: cannot load the model ({_one_line(e)})") from e
+    if p.is_file():
+        _drop_gguf_quantizer(model, p)
     model.eval()
     logger.info("loaded %s (%s, %.1fM parameters, %s) in %.1f s", p, type(model).__name__,
                 sum(t.numel() for t in model.parameters()) / 1e6, dtype, time.perf_counter() - t0)
@@ -355,7 +383,7 @@ def embed(model: nn.Module, tokenizer: Any, sentences: Sequence[str], batch_size
 
 
 def cosine_similarity(a: Tensor, b: Tensor) -> Tensor:
-    """Row-wise cosine similarity of two (n, d) embedding matrices, computed in float64: ⟨a_i, b_i⟩ / (‖a_i‖ ‖b_i‖).
+    """Row-wise cosine similarity of two (n, d) embedding matrices, in float64: ⟨a_i, b_i⟩ / (‖a_i‖ ‖b_i‖).
     The metric for a compressed encoder is its mean over sentences, ``cosine_similarity(e_float, e_comp).mean()``.
 
     Raises:
@@ -386,10 +414,10 @@ def token_windows(tokenizer: Any, text: str, n: int, seqlen: int, seed: int = 0,
                   source: str = "text") -> Tensor:
     """Calibration sequences: ``n`` random, non-overlapping windows of ``seqlen`` consecutive tokens of ``text``.
 
-    The text is tokenized whole (:func:`tokenize`, no special tokens). Its T tokens are cut into K = ⌊(T − r)/seqlen⌋
-    consecutive windows starting at a random offset r ∈ [0, T − K·seqlen] (K = ⌊T/seqlen⌋), and ``n`` of them are
-    drawn without replacement, in random order; ``seed`` fixes both draws (``torch.Generator``). Non-overlap is
-    required, so the text must hold ``n * seqlen`` tokens.
+    The text is tokenized whole (:func:`tokenize`, no special tokens). Its T tokens hold K = ⌊T/seqlen⌋ windows
+    laid end to end from a random offset r ∈ [0, T − K·seqlen]; ``n`` of them are drawn without replacement, in
+    random order. ``seed`` fixes both draws (``torch.Generator``). Windows never overlap, so the text must hold
+    ``n * seqlen`` tokens.
 
     Args:
         tokenizer: a Hugging Face tokenizer.

@@ -45,6 +45,7 @@ __all__ = [
     "read_lazyload_db",
     "austen_paragraphs",
     "austen_novels",
+    "join_paragraphs",
     "html_paragraphs",
     "handbook_paragraphs",
     "find_austen_dir",
@@ -66,7 +67,7 @@ AUSTEN_NOVELS = {
 
 MAX_BYTES = 1 << 30  # default bound on one decompressed object (the janeaustenr database is 4.6 MB)
 MAX_DEPTH = 200  # nesting of lists/attributes; pairlists are read iteratively along their CDRs
-MAX_ALTREP_LENGTH = 1 << 27  # a compact sequence's length is not backed by bytes, so it gets a bound of its own
+MAX_ALTREP_LENGTH = 1 << 24  # a compact sequence's length is not backed by bytes, so it gets a bound of its own
 NA_INTEGER = -(2**31)
 # deflate's largest expansion is about 1032:1 (bzip2 and xz can do more; their decompression stops at the declared
 # length instead)
@@ -147,8 +148,9 @@ _VECTOR_TYPES = {10: "logical", 13: "integer", 14: "double", 15: "complex", 16: 
 _PAIRLIST_TYPES = {2: "pairlist", 6: "language", 17: "..."}
 _SPECIAL_REFS = {254: None, 253: "R_GlobalEnv", 252: "R_UnboundValue", 251: "R_MissingArg",
                  250: "R_BaseNamespace", 242: "R_EmptyEnv", 241: "R_BaseEnv"}
-_TYPE_NAMES = {0: "NULL", 1: "symbol", 3: "closure", 4: "environment", 5: "promise", 7: "special", 8: "builtin", 9: "CHARSXP", 21: "bytecode",
-               22: "externalptr", 23: "weakref", 25: "S4", 238: "ALTREP", 239: "ATTRLISTSXP",
+_TYPE_NAMES = {0: "NULL", 1: "symbol", 3: "closure", 4: "environment", 5: "promise", 7: "special", 8: "builtin",
+               9: "CHARSXP", 21: "bytecode", 22: "externalptr", 23: "weakref", 25: "S4", 238: "ALTREP",
+               239: "ATTRLISTSXP",
                240: "ATTRLANGSXP", 244: "BCREPDEF", 245: "GENERICREFSXP", 246: "CLASSREFSXP", 247: "PERSISTSXP",
                248: "PACKAGESXP", 249: "NAMESPACESXP", 255: "REFSXP", **_VECTOR_TYPES, **_PAIRLIST_TYPES}
 _CHARSXP = 9
@@ -208,7 +210,8 @@ class _Reader:
             n = self.int("the length of the native encoding")
             if not 0 <= n <= 63:  # R_CODESET_MAX
                 raise self.fail(f"native encoding name of length {n} (at most 63)")
-            self.native_encoding = _python_encoding(bytes(self.take(n, "the native encoding")).decode("ascii", "replace"))
+            name = bytes(self.take(n, "the native encoding")).decode("ascii", "replace")
+            self.native_encoding = _python_encoding(name)
         elif version != 2:
             raise self.fail(f"serialization format version {version} (versions 2 and 3 are read)")
 
@@ -656,6 +659,11 @@ def austen_paragraphs(lines: Sequence[str | None]) -> list[str]:
     return paras
 
 
+def join_paragraphs(paragraphs: Sequence[str]) -> str:
+    """The text files' layout: paragraphs separated by one blank line, a final newline."""
+    return "\n\n".join(paragraphs) + "\n"
+
+
 def austen_novels(austen_dir: str | Path) -> dict[str, list[str]]:
     """The six novels as paragraphs (:func:`austen_paragraphs`), keyed by janeaustenr's object names
     (:data:`AUSTEN_NOVELS`), read from ``data/Rdata.rdx``/``.rdb`` under ``austen_dir``."""
@@ -861,7 +869,7 @@ def build_texts(handbook_dir: str | Path | None, austen_dir: str | Path, out_dir
         return {"name": name, "source": source, "paragraphs": len(paras), "characters": len(text),
                 "words": len(text.split()), "bytes": len(text.encode("utf-8"))}
 
-    eval_text = "\n\n".join(novels[eval_novel]) + "\n"
+    eval_text = join_paragraphs(novels[eval_novel])
     parts, calib_sources = [], []
     for n in calib_novels:
         t = "\n\n".join(novels[n])
