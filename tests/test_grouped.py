@@ -220,3 +220,61 @@ def test_set_grid_takes_a_grid_chosen_elsewhere():
     a = lc.GroupedIntQuantization(2, 6, symmetric=False)
     d = a.set_grid(torch.tensor([[0.5]]), torch.tensor([[0, 1, 2, 3, 3, 0]]), mins=torch.tensor([[-1.0]]))
     assert torch.equal(d, torch.tensor([[-1.0, -0.5, 0.0, 0.5, 0.5, -1.0]]))
+
+
+def brute_symmetric_weighted(x, d, bits):
+    lo, hi = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+    x, d = x.double(), d.double()
+    c = float((d * x * x).sum())
+    best = c
+    for q in itertools.product(range(lo, hi + 1), repeat=x.numel()):
+        q = torch.tensor(q, dtype=torch.float64)
+        nq = float((d * q * q).sum())
+        if nq:
+            best = min(best, c - float((d * x * q).sum()) ** 2 / nq)
+    return best
+
+
+def test_weighted_symmetric_c_step_is_the_global_optimum():
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(40, 3, generator=gen)
+    d = torch.rand(40, 3, generator=gen) ** 3 * 10 + 1e-3
+    s, q = G.symmetric_grid(x, 2, torch.float32, weight=d)
+    for i in range(x.shape[0]):
+        got = float((d[i].double() * (x[i].double() - float(s[i]) * q[i].double()) ** 2).sum())
+        ref = brute_symmetric_weighted(x[i], d[i], 2)
+        assert got <= ref * (1 + 1e-5) + 1e-10, (i, got, ref)
+
+
+def test_importance_c_steps_solve_the_weighted_projection():
+    gen = torch.Generator().manual_seed(12)
+    w = torch.randn(6, 12, generator=gen)
+    d = torch.rand(6, 12, generator=gen) * 5
+    # pruning: the kept set maximizes sum d w^2
+    p = lc.ConstraintL0Pruning(kappa=20)
+    out = p.compress(w, importance=d)
+    kept = out != 0
+    assert int(kept.sum()) == 20
+    score = (d * w * w).reshape(-1)
+    assert float(score[kept.reshape(-1)].min()) >= float(score[~kept.reshape(-1)].max())
+    # N:M: per group of 4 the two largest d w^2
+    nm = lc.NMPruning(2, 4)
+    out = nm.compress(w, importance=d)
+    for r in range(6):
+        for g0 in range(0, 12, 4):
+            sc = (d * w * w)[r, g0 : g0 + 4]
+            k = out[r, g0 : g0 + 4] != 0
+            assert int(k.sum()) == 2 and float(sc[k].min()) >= float(sc[~k].max())
+    # asymmetric grouped: never worse than weighted min-max
+    a = lc.GroupedIntQuantization(3, 6, symmetric=False, scale_dtype="float32")
+    out = a.compress(w, importance=d)
+    mn, mx = w.reshape(-1, 6).min(1).values, w.reshape(-1, 6).max(1).values
+    dd = (mx - mn) / 7
+    qq = torch.round((w.reshape(-1, 6) - mn[:, None]) / dd[:, None]).clamp(0, 7)
+    rtn = (d.reshape(-1, 6) * (w.reshape(-1, 6) - dd[:, None] * qq - mn[:, None]) ** 2).sum(1)
+    mine = (d.reshape(-1, 6) * (w - out).reshape(-1, 6) ** 2).sum(1)
+    assert bool((mine <= rtn * (1 + 1e-6) + 1e-9).all())
+    with pytest.raises(TypeError, match="no weighted C step"):
+        lc.AdaptiveQuantization(2).compress(w.reshape(-1), importance=d.reshape(-1))
+    with pytest.raises(ValueError, match="importance has shape"):
+        lc.GroupedIntQuantization(3, 6).compress(w, importance=d[:, :6])

@@ -64,7 +64,7 @@ def grouped_unview(parts: list[Tensor], rows: int, cols: int, group: int) -> Ten
     return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)
 
 
-def _sweep(a: Tensor, levels: int, extra: Tensor | None, top: int = 3) -> Tensor:
+def _sweep(a: Tensor, levels: int, extra: Tensor | None, top: int = 3, weight: Tensor | None = None) -> Tensor:
     """Candidate best real scales of every group of non-negative magnitudes ``a`` (G, g) with codes in
     {0, …, ``levels``}: the minimizers of the ``top`` intervals of lowest error, (G, top) or, with two
     orientations, (G, 2·top) with the second orientation's scales negated.
@@ -74,11 +74,14 @@ def _sweep(a: Tensor, levels: int, extra: Tensor | None, top: int = 3) -> Tensor
     docstring). The errors along the sweep are C − s(2A − sB), which loses digits to cancellation where the error
     is small, so the caller evaluates the candidates directly and keeps the best: several near-equal minima (a
     group that is exactly s·q is also exactly (s/2)·(2q)) are told apart by their true errors.
+
+    ``weight`` (G, g), ≥ 0: minimize Σᵢ wᵢ(aᵢ − s·qᵢ)² instead (the breakpoints are the same; A and B weigh each
+    code change by wᵢ).
     """
     G, g = a.shape
     dev = a.device
     ks = torch.arange(levels, device=dev, dtype=a.dtype)
-    c = (a * a).sum(1)
+    c = (a * a if weight is None else weight * a * a).sum(1)
     step = max(1, _CHUNK // max(1, g * levels))
     db_k = (2 * ks + 1).expand(g, levels).reshape(-1)
     n_or = 1 if extra is None else 2
@@ -91,6 +94,9 @@ def _sweep(a: Tensor, levels: int, extra: Tensor | None, top: int = 3) -> Tensor
         s_ev, order = torch.sort(s_ev, dim=1, descending=True)
         da = torch.gather(ac.unsqueeze(2).expand(n, g, levels).reshape(n, -1), 1, order)
         db = db_k[order]
+        if weight is not None:
+            wt = torch.gather(weight[lo : lo + step].unsqueeze(2).expand(n, g, levels).reshape(n, -1), 1, order)
+            da, db = da * wt, db * wt
         s_next = torch.cat([s_ev[:, 1:], s_ev.new_zeros(n, 1)], dim=1)
         if extra is None:
             orients = [(da, db)]
@@ -107,7 +113,7 @@ def _sweep(a: Tensor, levels: int, extra: Tensor | None, top: int = 3) -> Tensor
         for o, (dai, dbi) in enumerate(orients):
             A = torch.cumsum(dai, 1)
             B = torch.cumsum(dbi, 1)
-            s = torch.minimum(torch.maximum(A / B.clamp_min(1), s_next), s_ev)
+            s = torch.minimum(torch.maximum(A / torch.where(B > 0, B, torch.ones_like(B)), s_next), s_ev)
             f = torch.where(B > 0, cc - s * (2 * A - s * B), cc)
             j = torch.topk(f, top, dim=1, largest=False, sorted=False).indices
             cand = s.gather(1, j)
@@ -139,7 +145,7 @@ def _sym_codes(x: Tensor, s: Tensor, lo: int, hi: int) -> Tensor:
 
 
 def symmetric_grid(x: Tensor, bits: int, scale_dtype: torch.dtype = torch.float16,
-                   warm: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                   warm: Tensor | None = None, weight: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Exact symmetric C step of every group (row) of ``x`` (G, g): min over s, q of ‖x − s·q‖², q integers in
     [−2^(b−1), 2^(b−1) − 1], then s stored at ``scale_dtype`` (see the module docstring).
 
@@ -147,19 +153,22 @@ def symmetric_grid(x: Tensor, bits: int, scale_dtype: torch.dtype = torch.float1
     exactly (s·k/j)·q' for many k/j at 8 bits, and only s itself may be a float16 value: with the last scales as
     candidates, compressing Δ(Θ) again gives Δ(Θ).
 
+    ``weight`` (G, g), ≥ 0: the weighted projection, min Σᵢ wᵢ(xᵢ − s·qᵢ)², exact in the same way.
+
     Returns (scales (G,) float32 holding values of ``scale_dtype``, codes (G, g) float32 integers).
     """
     lo, hi = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
     x = x.float()
     # orientation 0 is s > 0 (positive weights reach hi, negative ones lo = −hi − 1), 1 is s < 0 (the mirror)
-    cands = _sweep(x.abs(), hi + 1, x >= 0)
+    cands = _sweep(x.abs(), hi + 1, x >= 0, weight=weight)
     if warm is not None:
         cands = torch.cat([cands, warm.float().reshape(-1, 1)], dim=1)
     best = None
     for i in range(cands.shape[1]):
         for cand in round_to_dtype_neighbours(cands[:, i], scale_dtype):
             q = _sym_codes(x, cand, lo, hi)
-            f = ((x - cand[:, None] * q) ** 2).sum(1)
+            r = (x - cand[:, None] * q) ** 2
+            f = (r if weight is None else r * weight).sum(1)
             if best is None:
                 best = [f, cand, q]
             else:
@@ -176,47 +185,53 @@ def _asym_codes(x: Tensor, d: Tensor, m: Tensor, top: int) -> Tensor:
     return torch.where((d > 0)[:, None], q, torch.zeros_like(q))
 
 
-def _asym_err(x: Tensor, d: Tensor, m: Tensor, q: Tensor) -> Tensor:
-    return ((x - d[:, None] * q - m[:, None]) ** 2).sum(1)
+def _asym_err(x: Tensor, d: Tensor, m: Tensor, q: Tensor, weight: Tensor | None = None) -> Tensor:
+    r = (x - d[:, None] * q - m[:, None]) ** 2
+    return (r if weight is None else r * weight).sum(1)
 
 
 def asymmetric_grid(x: Tensor, bits: int, scale_dtype: torch.dtype = torch.float16, rounds: int = 3,
-                    warm: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor, Tensor]:
+                    warm: tuple[Tensor, Tensor] | None = None,
+                    weight: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Asymmetric C step of every group (row) of ``x`` (G, g): x ≈ d·q + m, q ∈ {0, …, 2^b − 1}, d ≥ 0; a descent
     from the min–max grid, never worse than it after rounding d and m to ``scale_dtype`` (module docstring).
-    ``warm``: the previous C step's (d, m), kept where it is still better.
+    ``warm``: the previous C step's (d, m), kept where it is still better. ``weight`` (G, g), ≥ 0: the weighted
+    error Σᵢ wᵢ(xᵢ − d·qᵢ − m)² throughout (never worse than min–max in that error).
 
     Returns (d (G,), m (G,), codes (G, g)), d and m float32 holding values of ``scale_dtype``.
     """
     top = (1 << bits) - 1
     x = x.float()
+    wt = torch.ones_like(x) if weight is None else weight.float()
+    err = lambda d, m, q: _asym_err(x, d, m, q, weight)  # noqa: E731
     mn, mx = x.min(1).values, x.max(1).values
 
     def rounded(d, m):
         d16 = d.to(scale_dtype).float().clamp_min(0)
         m16 = m.to(scale_dtype).float()
         q = _asym_codes(x, d16, m16, top)
-        return d16, m16, q, _asym_err(x, d16, m16, q)
+        return d16, m16, q, err(d16, m16, q)
 
     # round-to-nearest min-max, at the stored precision: the grid this is never worse than
     base = rounded((mx - mn) / top, mn)
     d, m = (mx - mn) / top, mn.clone()
     q = _asym_codes(x, d, m, top)
     for _ in range(rounds):
-        # least-squares (d, m) for the codes
-        qm, xm = q.mean(1), x.mean(1)
-        var = ((q - qm[:, None]) ** 2).sum(1)
-        cov = ((q - qm[:, None]) * (x - xm[:, None])).sum(1)
+        # (weighted) least-squares (d, m) for the codes
+        tw = wt.sum(1).clamp_min(1e-30)
+        qm, xm = (wt * q).sum(1) / tw, (wt * x).sum(1) / tw
+        var = (wt * (q - qm[:, None]) ** 2).sum(1)
+        cov = (wt * (q - qm[:, None]) * (x - xm[:, None])).sum(1)
         d = torch.where(var > 0, cov / var.clamp_min(1e-30), d).clamp_min(0)
         m = xm - d * qm
         # the exact best d ≥ 0 for this m (codes below m are 0)
         y = (x - m[:, None]).clamp_min(0)
         q = _asym_codes(x, d, m, top)
-        f = _asym_err(x, d, m, q)
-        cands = _sweep(y, top, None)
+        f = err(d, m, q)
+        cands = _sweep(y, top, None, weight=weight)
         for i in range(cands.shape[1]):
             q_new = _asym_codes(x, cands[:, i], m, top)
-            f_new = _asym_err(x, cands[:, i], m, q_new)
+            f_new = err(cands[:, i], m, q_new)
             better = f_new < f
             f = torch.where(better, f_new, f)
             d = torch.where(better, cands[:, i], d)
@@ -243,12 +258,12 @@ def nm_patterns(n: int, m: int, device=None) -> tuple[Tensor, Tensor]:
     return pats.to(device), index.to(device)
 
 
-def nm_mask(x: Tensor, n: int, m: int) -> Tensor:
+def nm_mask(x: Tensor, n: int, m: int, weight: Tensor | None = None) -> Tensor:
     """Keep the n largest |x| in every group of m consecutive entries of each row of ``x`` (rows, cols), cols a
-    multiple of m: the exact projection onto N:M sparsity. Returns a bool mask of x's shape (ties: by position,
-    from torch.topk)."""
+    multiple of m: the exact projection onto N:M sparsity (with ``weight``, the n largest wᵢxᵢ², the exact weighted
+    projection). Returns a bool mask of x's shape (ties: by position, from torch.topk)."""
     rows, cols = x.shape
-    g = x.abs().reshape(rows, cols // m, m)
+    g = (x.abs() if weight is None else weight * x * x).reshape(rows, cols // m, m)
     idx = torch.topk(g, n, dim=2, sorted=False).indices
     mask = torch.zeros_like(g, dtype=torch.bool).scatter_(2, idx, True)
     return mask.reshape(rows, cols)

@@ -61,6 +61,9 @@ class Compression:
     idempotence: str | None = "exact"
     #: True when :meth:`config` holds every hyperparameter, so that :meth:`from_config` rebuilds the compression
     config_complete: bool = True
+    #: True when the C step also solves the weighted projection min_Θ Σᵢ dᵢ(wᵢ − Δᵢ(Θ))² (``compress(...,
+    #: importance=d)``), e.g. with d the diagonal of a layer's Hessian in post-training LC
+    supports_importance: bool = False
     #: the codec that stores Θ (see :mod:`lcompress.codecs`); None: Θ cannot be stored
     codec: ClassVar[Codec | None] = None
 
@@ -102,7 +105,7 @@ class Compression:
         self._shape: tuple[int, ...] | None = None
 
     # ---- the C step -------------------------------------------------------------------------------------
-    def compress(self, w: Tensor, mu: float = 0.0, *, check: bool = True) -> Tensor:
+    def compress(self, w: Tensor, mu: float = 0.0, *, check: bool = True, importance: Tensor | None = None) -> Tensor:
         """Θ ← Π(w); return Δ(Θ) with the shape, dtype and device of ``w``.
 
         Args:
@@ -110,6 +113,8 @@ class Compression:
             mu: the current penalty parameter μ; used by penalty forms (``mu = 0`` means μ → 0⁺).
             check: validate ``w`` (type, NaN/Inf, shape); callers that already did (LC, additive
                 combinations) pass False to skip a pass over the weights.
+            importance: weights d ≥ 0 of ``w``'s shape: solve min_Θ Σᵢ dᵢ(wᵢ − Δᵢ(Θ))² instead (only for a
+                compression with ``supports_importance``).
 
         On the CPU the C step runs on one torch thread when the task is small or the machine's cores are busy
         (:func:`lcompress._threads.c_step_threads`); ``torch.get_num_threads()`` is restored afterwards.
@@ -128,9 +133,17 @@ class Compression:
             if mu < 0 or not math.isfinite(mu):
                 raise ValueError(f"mu={mu} must be a finite number >= 0")
             self.check_shape(tuple(w.shape))
+        if importance is not None:
+            if not self.supports_importance:
+                raise TypeError(f"{type(self).__name__} has no weighted C step (importance=...)")
+            if tuple(importance.shape) != tuple(w.shape):
+                raise ValueError(f"importance has shape {tuple(importance.shape)}, not the weights' {tuple(w.shape)}")
         # small ops on one thread where a second one does not pay or the cores are busy (see _threads)
         with c_step_threads(w.numel(), w.device):
-            out = self._compress(w.detach().float(), float(mu))
+            if importance is None:
+                out = self._compress(w.detach().float(), float(mu))
+            else:
+                out = self._compress_importance(w.detach().float(), float(mu), importance.detach().float())
         self._shape = tuple(w.shape)
         return out.to(w.dtype)
 
@@ -234,6 +247,9 @@ class Compression:
         raise NotImplementedError
 
     def _compress(self, w: Tensor, mu: float) -> Tensor:
+        raise NotImplementedError
+
+    def _compress_importance(self, w: Tensor, mu: float, importance: Tensor) -> Tensor:
         raise NotImplementedError
 
 

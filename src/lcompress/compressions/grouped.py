@@ -149,6 +149,7 @@ class GroupedIntQuantization(Compression):
     """
 
     matrix = True
+    supports_importance = True
     codec = GroupedIntCodec()
 
     @classmethod
@@ -186,19 +187,23 @@ class GroupedIntQuantization(Compression):
         return self.bits + per_group * (1 if self.symmetric else 2) / self.group
 
     def _compress(self, w: Tensor, mu: float) -> Tensor:
+        return self._compress_importance(w, mu, None)
+
+    def _compress_importance(self, w: Tensor, mu: float, importance: Tensor | None) -> Tensor:
         rows, cols = w.shape
         sd = _SCALE_DTYPES[self.scale_dtype]
         scales, mins, codes = [], [], []
         prev = self._theta if self._theta is not None and self._shape == (rows, cols) else None
-        for x, cols_ in G.grouped_view(w, self.group):
+        wts = [None] * 2 if importance is None else [x for x, _ in G.grouped_view(importance, self.group)]
+        for (x, cols_), wt in zip(G.grouped_view(w, self.group), wts):
             gs = slice(cols_.start // self.group, _groups(cols_.stop, self.group))  # this piece's groups
             if self.symmetric:
                 warm = None if prev is None else prev["scales"][:, gs].reshape(-1)
-                s, q = G.symmetric_grid(x, self.bits, sd, warm=warm)
+                s, q = G.symmetric_grid(x, self.bits, sd, warm=warm, weight=wt)
                 u = q + (1 << (self.bits - 1))
             else:
                 warm = None if prev is None else (prev["scales"][:, gs].reshape(-1), prev["mins"][:, gs].reshape(-1))
-                s, m, u = G.asymmetric_grid(x, self.bits, sd, warm=warm)
+                s, m, u = G.asymmetric_grid(x, self.bits, sd, warm=warm, weight=wt)
                 mins.append(m.reshape(rows, -1))
             scales.append(s.reshape(rows, -1))
             codes.append(u)
@@ -344,6 +349,7 @@ class NMPruning(_Sparse):
     """
 
     matrix = True
+    supports_importance = True
     codec = NMSparseCodec()
     MAX_M = 16
 
@@ -367,6 +373,9 @@ class NMPruning(_Sparse):
             raise ValueError(self._where(task) + f"NMPruning m={self.m} does not divide the row length {shape[1]}")
 
     def _compress(self, w: Tensor, mu: float) -> Tensor:
-        mask = G.nm_mask(w, self.n, self.m).reshape(-1)
+        return self._compress_importance(w, mu, None)
+
+    def _compress_importance(self, w: Tensor, mu: float, importance: Tensor | None) -> Tensor:
+        mask = G.nm_mask(w, self.n, self.m, importance).reshape(-1)
         idx = torch.nonzero(mask).reshape(-1)
         return self._set(idx, w.reshape(-1)[idx], w.numel(), w.shape)

@@ -149,6 +149,8 @@ class ConstraintL0Pruning(_Sparse):
                 raise ValueError(f"fraction={fraction!r} is the share of weights kept (0.05 keeps 5%) and must be in "
                                  "(0, 1]; to keep none, use kappa=0")
             self.fraction = float(fraction)
+        # the weighted projection keeps the κ largest dᵢwᵢ²; a value codebook has no weighted C step
+        self.supports_importance = self.value_codebook is None
 
     def _config(self):
         size = {"kappa": self.kappa} if self.fraction is None else {"fraction": self.fraction}
@@ -173,6 +175,12 @@ class ConstraintL0Pruning(_Sparse):
         if self.value_codebook is not None:
             return self._set_codebook(w, self.kappa_for(flat.numel()), 0.0)
         idx = F.topk_magnitude(flat, self.kappa_for(flat.numel()))
+        return self._set(idx, flat[idx], flat.numel(), w.shape)
+
+    def _compress_importance(self, w: Tensor, mu: float, importance: Tensor) -> Tensor:
+        """min Σᵢ dᵢ(wᵢ − θᵢ)² s.t. ‖θ‖₀ ≤ κ: keep the κ largest dᵢwᵢ² (their values unchanged)."""
+        flat = w.reshape(-1)
+        idx = F.topk_magnitude((importance.reshape(-1) * flat * flat).sqrt(), self.kappa_for(flat.numel()))
         return self._set(idx, flat[idx], flat.numel(), w.shape)
 
 
