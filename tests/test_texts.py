@@ -5,6 +5,7 @@ The R files here are written by a small XDR encoder of this module's own, from R
 from __future__ import annotations
 
 import gzip
+import hashlib
 import importlib.util
 import json
 import random
@@ -338,6 +339,9 @@ def fake_packages(tmp_path: Path) -> tuple[Path, Path]:
     austen = tmp_path / "r-cran-janeaustenr"
     data = austen / "usr/lib/R/site-library/janeaustenr/data"
     data.mkdir(parents=True)
+    (austen / "usr/share/doc/r-cran-janeaustenr").mkdir(parents=True)
+    (austen / "usr/share/doc/r-cran-janeaustenr/changelog.Debian.gz").write_bytes(
+        gzip.compress(b"r-cran-janeaustenr (1.0.0-1) unstable; urgency=medium\n"))
     write_lazyload(data / "Rdata", {n: strsxp(lines) for n, lines in NOVEL_LINES.items()})
     html = tmp_path / "debian-handbook/usr/share/doc/debian-handbook/html/en-US"
     html.mkdir(parents=True)
@@ -373,6 +377,8 @@ def test_build_texts_disjoint_sources(tmp_path):
     assert [s["name"] for s in m["calib"]["sources"]] == [f"austen:{n}" for n in T.AUSTEN_NOVELS
                                                          if n != "persuasion"] + ["debian-handbook:en-US"]
     assert m["calib"]["bytes"] == len(calib.encode()) and m["eval"]["characters"] == len(eval_text)
+    assert m["eval"]["sha256"] == hashlib.sha256(eval_text.encode()).hexdigest()
+    assert m["packages"] == {"r-cran-janeaustenr": "1.0.0-1", "debian-handbook": None}
 
     T.build_texts(None, austen, out, eval_novel="emma", calib_novels=["persuasion"], handbook=False)
     assert (out / "calib.txt").read_text() == "\n\n".join(T.austen_paragraphs(NOVEL_LINES["persuasion"])) + "\n"

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import bz2
 import gzip
+import hashlib
 import html.parser
 import io
 import json
@@ -816,6 +817,22 @@ def handbook_paragraphs(handbook_dir: str | Path, lang: str = "en-US", min_words
 # ------------------------------------------------------------------------------------------------------ builder
 
 
+def _debian_version(root: Path, package: str) -> str | None:
+    """``VERSION`` from the first line, ``PACKAGE (VERSION) ...``, of the package's Debian changelog at or above
+    ``root`` (where ``dpkg-deb -x`` put it), if there is one."""
+    for base in (root, *root.parents):
+        for name in ("changelog.Debian.gz", "changelog.gz"):
+            f = base / "usr/share/doc" / package / name
+            if f.is_file():
+                try:
+                    with gzip.open(f, "rt", encoding="utf-8", errors="replace") as fh:
+                        m = re.match(rf"{re.escape(package)} \(([^)]+)\)", fh.readline())
+                except (OSError, EOFError):
+                    return None
+                return m.group(1) if m else None
+    return None
+
+
 def build_texts(handbook_dir: str | Path | None, austen_dir: str | Path, out_dir: str | Path, *,
                 eval_novel: str = "emma", calib_novels: Sequence[str] | None = None,
                 handbook: bool = True, lang: str = "en-US") -> dict[str, Any]:
@@ -824,7 +841,8 @@ def build_texts(handbook_dir: str | Path | None, austen_dir: str | Path, out_dir
     * ``eval.txt``: the held-out novel ``eval_novel``, paragraphs separated by a blank line.
     * ``calib.txt``: the novels in ``calib_novels`` (default: the other five) and, with ``handbook``, the handbook's
       English prose, each source's paragraphs separated by blank lines, the sources by two.
-    * ``manifest.json``: the sources of each file and their sizes (characters, words, paragraphs, bytes).
+    * ``manifest.json``: each file's size and sha256, its sources and their sizes (characters, words, paragraphs,
+      bytes), and the Debian packages' versions where their changelogs say.
 
     Args:
         handbook_dir: where ``debian-handbook`` was extracted (see :func:`find_handbook_dir`); may be None when
@@ -884,14 +902,22 @@ def build_texts(handbook_dir: str | Path | None, austen_dir: str | Path, out_dir
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+
+    def file_entry(name: str, text: str) -> dict[str, Any]:
+        data = text.encode("utf-8")
+        return {"file": name, "bytes": len(data), "characters": len(text), "sha256": hashlib.sha256(data).hexdigest()}
+
+    packages = {"r-cran-janeaustenr": _debian_version(austen_root, "r-cran-janeaustenr")}
+    if handbook:
+        packages["debian-handbook"] = _debian_version(find_handbook_dir(handbook_dir, lang), "debian-handbook")
     manifest = {
         "format": "lcompress.texts",
         "version": 1,
-        "eval": {"file": "eval.txt", "bytes": len(eval_text.encode("utf-8")), "characters": len(eval_text),
+        "eval": {**file_entry("eval.txt", eval_text),
                  "sources": [describe(f"austen:{eval_novel}", novels[eval_novel],
                                       f"{rdb} ({AUSTEN_NOVELS[eval_novel]})", eval_text)]},
-        "calib": {"file": "calib.txt", "bytes": len(calib_text.encode("utf-8")), "characters": len(calib_text),
-                  "sources": calib_sources},
+        "calib": {**file_entry("calib.txt", calib_text), "sources": calib_sources},
+        "packages": packages,
         "layout": "paragraphs separated by one blank line; in calib.txt, sources separated by two",
     }
     atomic_write_text(eval_text, out / "eval.txt")
