@@ -229,7 +229,8 @@ def load_causal_lm(path: str | Path, dtype: torch.dtype = torch.float32) -> tupl
     return model, tokenizer
 
 
-_ENCODER_FILES = ("config.json", "model.safetensors", "pytorch_model.bin", "tokenizer.json", "tokenizer_config.json",
+# what is taken from a zip: safetensors weights only (a pickled pytorch_model.bin from a zip is not trusted)
+_ENCODER_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
                   "special_tokens_map.json", "vocab.txt", "sentence_bert_config.json", "modules.json",
                   "1_Pooling/config.json")
 _MAX_ZIP_BYTES = 4 << 30
@@ -273,8 +274,8 @@ def load_sentence_encoder(path: str | Path | None = None) -> tuple[nn.Module, An
 
     Args:
         path: a directory holding ``config.json`` and the weights (a sentence-transformers model directory), or a
-            zip of one (read directly; only the model's known files are extracted, to a temporary directory that is
-            removed after loading); default: :func:`minilm_path`.
+            zip of one (read directly; only the model's known files, safetensors weights included, are extracted to a
+            temporary directory that is removed after loading); default: :func:`minilm_path`.
 
     Returns:
         ``(model, tokenizer)``: a ``BertModel`` (or whatever ``AutoModel`` builds) and its tokenizer, with the
