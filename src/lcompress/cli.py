@@ -564,6 +564,34 @@ def cmd_peer(args) -> int:
     return 0
 
 
+def cmd_ptq(args) -> int:
+    from .ptq_run import run_ptq
+
+    out = Path(args.out)
+    log = _setup_logging(args.verbose, args.quiet, out / "log.txt", defer=True)
+    solver_args = {} if args.steps is None else {"steps": args.steps}
+    try:
+        res = run_ptq(args.model, args.calib, out, scheme=args.scheme, config=args.config, method=args.method,
+                      eval_text=args.eval, calib_samples=args.calib_samples, seqlen=args.seqlen, seed=args.seed,
+                      eval_tokens=args.eval_tokens, solver_args=solver_args, overwrite=args.overwrite,
+                      float_eval=not args.no_float_eval, damp=args.damp, batch_size=args.batch_size,
+                      trust_code=args.trust_code, progress=_bars(args), on_ready=log.start)
+    except KeyboardInterrupt:
+        print(f"lcompress: interrupted; run the same command again to resume from the last finished block "
+              f"({out / 'ckpt'})", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    sz = res["sizes"]
+    line = (f"{res['method']} {res['scheme'] or res['config']}: {sz['bits_per_weight']:.3f} bits/weight over "
+            f"{sz['compressed_weights']} weights, file {sz['file_bytes']} bytes, {res['compress_seconds']:.0f} s")
+    if "compressed" in res:
+        ppl = res["compressed"]["perplexity"]
+        base = f" (float {res['float']['perplexity']:.2f})" if "float" in res else ""
+        line += f"; perplexity {ppl:.2f}{base}"
+    print(line)
+    print(f"run directory: {out}")
+    return 0
+
+
 # ---- entry point ------------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lcompress", description="Compress neural networks by the Learning-Compression algorithm.")
@@ -651,6 +679,28 @@ def build_parser() -> argparse.ArgumentParser:
     trust(e)
     common(e)
     e.set_defaults(func=cmd_export)
+
+    q = sub.add_parser("ptq", help="post-training compression of a Hugging Face causal LM from a calibration text")
+    q.add_argument("--model", required=True, help="a Hugging Face checkpoint directory or a .gguf file")
+    q.add_argument("--calib", required=True, metavar="FILE.txt", help="calibration text (UTF-8)")
+    q.add_argument("--scheme", help="int4-g64, int3-g64, int2-g64 (int<bits>-g<group>[-asym]), sparse50, 2:4, 4:8, "
+                                    "q8_0, q4_0, q4_1, q5_0, q5_1: every linear layer of the transformer blocks")
+    q.add_argument("--config", help="a TOML config with [[tasks]] (and [solver]) instead of --scheme")
+    q.add_argument("--method", default="lc", help="lc (default), rtn, gptq, sparsegpt, wanda, magnitude")
+    q.add_argument("--eval", metavar="FILE.txt", help="held-out text: perplexity of the float and compressed models")
+    q.add_argument("--out", required=True, help="run directory (a killed run resumes when started again)")
+    q.add_argument("--calib-samples", type=int, default=128, help="calibration sequences (default 128)")
+    q.add_argument("--seqlen", type=int, default=512, help="tokens per sequence (default 512)")
+    q.add_argument("--eval-tokens", type=int, default=40960, help="evaluation tokens (default 40960)")
+    q.add_argument("--seed", type=int, default=0, help="seed of the calibration windows")
+    q.add_argument("--steps", type=int, help="LC steps per layer (default 30)")
+    q.add_argument("--damp", type=float, default=0.01, help="dampening of H, relative to its mean diagonal")
+    q.add_argument("--batch-size", type=int, default=8, help="calibration sequences per forward pass")
+    q.add_argument("--no-float-eval", action="store_true", help="skip the float model's perplexity")
+    q.add_argument("--overwrite", action="store_true", help="replace a finished run (or a checkpoint) in --out")
+    trust(q)
+    common(q)
+    q.set_defaults(func=cmd_ptq)
 
     i = sub.add_parser("inspect", help="per-task table of a .lcz file")
     i.add_argument("file")

@@ -64,6 +64,9 @@ class Compression:
     #: True when the C step also solves the weighted projection min_Θ Σᵢ dᵢ(wᵢ − Δᵢ(Θ))² (``compress(...,
     #: importance=d)``), e.g. with d the diagonal of a layer's Hessian in post-training LC
     supports_importance: bool = False
+    #: True when the class has a partial C step (``compress(..., partial=True)``): cheaper, from the last Θ, never
+    #: further from w than the last Θ is, but not the exact projection
+    has_partial: bool = False
     #: the codec that stores Θ (see :mod:`lcompress.codecs`); None: Θ cannot be stored
     codec: ClassVar[Codec | None] = None
 
@@ -105,7 +108,8 @@ class Compression:
         self._shape: tuple[int, ...] | None = None
 
     # ---- the C step -------------------------------------------------------------------------------------
-    def compress(self, w: Tensor, mu: float = 0.0, *, check: bool = True, importance: Tensor | None = None) -> Tensor:
+    def compress(self, w: Tensor, mu: float = 0.0, *, check: bool = True, importance: Tensor | None = None,
+                 partial: bool = False) -> Tensor:
         """Θ ← Π(w); return Δ(Θ) with the shape, dtype and device of ``w``.
 
         Args:
@@ -115,6 +119,8 @@ class Compression:
                 combinations) pass False to skip a pass over the weights.
             importance: weights d ≥ 0 of ``w``'s shape: solve min_Θ Σᵢ dᵢ(wᵢ − Δᵢ(Θ))² instead (only for a
                 compression with ``supports_importance``).
+            partial: where the compression ``has_partial`` and holds a Θ for this shape, take the cheaper partial
+                C step (e.g. new codes for the last scales) instead of the exact one.
 
         On the CPU the C step runs on one torch thread when the task is small or the machine's cores are busy
         (:func:`lcompress._threads.c_step_threads`); ``torch.get_num_threads()`` is restored afterwards.
@@ -140,7 +146,10 @@ class Compression:
                 raise ValueError(f"importance has shape {tuple(importance.shape)}, not the weights' {tuple(w.shape)}")
         # small ops on one thread where a second one does not pay or the cores are busy (see _threads)
         with c_step_threads(w.numel(), w.device):
-            if importance is None:
+            if partial and self.has_partial and self._theta is not None and self._shape == tuple(w.shape):
+                out = self._compress_partial(w.detach().float(), float(mu),
+                                             None if importance is None else importance.detach().float())
+            elif importance is None:
                 out = self._compress(w.detach().float(), float(mu))
             else:
                 out = self._compress_importance(w.detach().float(), float(mu), importance.detach().float())
@@ -250,6 +259,9 @@ class Compression:
         raise NotImplementedError
 
     def _compress_importance(self, w: Tensor, mu: float, importance: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def _compress_partial(self, w: Tensor, mu: float, importance: Tensor | None) -> Tensor:
         raise NotImplementedError
 
 

@@ -150,6 +150,7 @@ class GroupedIntQuantization(Compression):
 
     matrix = True
     supports_importance = True
+    has_partial = True
     codec = GroupedIntCodec()
 
     @classmethod
@@ -213,6 +214,59 @@ class GroupedIntQuantization(Compression):
             th["mins"] = torch.cat(mins, 1).to(sd)
         self._theta = th
         return self._delta(rows, cols)
+
+    def _compress_partial(self, w: Tensor, mu: float, importance: Tensor | None) -> Tensor:
+        """The partial C step: the best codes for the last scales (and offsets), then each group's (weighted)
+        least-squares scale for those codes at ``scale_dtype`` with its best codes, kept where it lowers the error.
+        Never further from ``w`` (in the weighted distance) than the last Θ is."""
+        rows, cols = w.shape
+        th = self._theta
+        lo = -(1 << (self.bits - 1)) if self.symmetric else 0
+        hi = lo + (1 << self.bits) - 1
+        sd = _SCALE_DTYPES[self.scale_dtype]
+        wt = torch.ones_like(w) if importance is None else importance
+
+        def ex(t):
+            return _expand(t, self.group, cols)
+
+        def codes_for(s, m):
+            se = ex(s)
+            q = torch.round((w - (0 if m is None else ex(m))) / torch.where(se == 0, torch.ones_like(se), se))
+            return torch.where(se == 0, torch.zeros_like(q), q.clamp_(lo, hi))
+
+        def err(s, m, q):
+            d = w - ex(s) * q - (0 if m is None else ex(m))
+            return torch.nn.functional.pad(wt * d * d, (0, _groups(cols, self.group) * self.group - cols)) \
+                .reshape(rows, -1, self.group).sum(2)
+
+        s0 = th["scales"].float()
+        m0 = None if self.symmetric else th["mins"].float()
+        q0 = codes_for(s0, m0)
+        f0 = err(s0, m0, q0)
+        # least-squares scale (symmetric) or (scale, offset) for the codes, per group
+        pad = _groups(cols, self.group) * self.group - cols
+
+        def gsum(t):
+            return torch.nn.functional.pad(t, (0, pad)).reshape(rows, -1, self.group).sum(2)
+
+        if self.symmetric:
+            den = gsum(wt * q0 * q0)
+            s1 = torch.where(den > 0, gsum(wt * w * q0) / den.clamp_min(1e-30), s0).to(sd).float()
+            m1 = None
+        else:
+            sw, sq, sx = gsum(wt), gsum(wt * q0), gsum(wt * w)
+            sqq, sqx = gsum(wt * q0 * q0), gsum(wt * q0 * w)
+            det = sw * sqq - sq * sq
+            ok = det > 1e-12 * (sw * sqq).clamp_min(1e-30)
+            s1 = torch.where(ok, (sw * sqx - sq * sx) / torch.where(ok, det, torch.ones_like(det)), s0).clamp_min(0)
+            m1 = torch.where(ok, (sx - s1 * sq) / sw.clamp_min(1e-30), m0)
+            s1, m1 = s1.to(sd).float(), m1.to(sd).float()
+        q1 = codes_for(s1, m1)
+        better = err(s1, m1, q1) < f0
+        s = torch.where(better, s1, s0)
+        m = None if self.symmetric else torch.where(better, m1, m0)
+        q = torch.where(ex(better.float()) > 0, q1, q0)
+        return self.set_grid(s, q.long(), m)
 
     def set_grid(self, scales: Tensor, codes: Tensor, mins: Tensor | None = None) -> Tensor:
         """Θ ← a grid chosen elsewhere (a peer method such as GPTQ picks its own scales and codes); returns Δ(Θ).
