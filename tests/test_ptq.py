@@ -370,3 +370,57 @@ def test_nan_activations_stop_the_run_naming_the_layer_and_leave_the_model():
                       solver=ptq.direct_solver)
     assert all(torch.equal(a, b) or (a.isnan() == b.isnan()).all() for a, b in
                zip(state(model).values(), before.values()))
+
+
+def test_float_target_is_the_least_squares_fit_to_the_float_model_outputs():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(20, 16), nn.ReLU(), nn.Linear(16, 12), nn.ReLU(), nn.Linear(12, 4))
+    ref = copy.deepcopy(model)
+    data = [torch.randn(32, 20) for _ in range(3)]
+    rec = Recorder(ptq.LCSolver(steps=5))
+    ptq.posttrain(model, {"re:\\d\\.weight": lc.GroupedIntQuantization(2, 4)}, data, solver=rec, target="float",
+                  damp=0.0)
+    p = rec.problems
+    # the first layer sees the float inputs: its target is its own weight
+    torch.testing.assert_close(p["0.weight"].w0, ref[0].weight.detach(), rtol=1e-4, atol=1e-5)
+    # the second: min ||X~ W^T - X W0^T||, X~ from layer 0 compressed, X from the float model (lstsq here)
+    with torch.no_grad():
+        x = torch.cat([torch.relu(ref[0](d)) for d in data]).double()
+        lin0 = copy.deepcopy(ref[0])
+        lin0.weight.copy_(model[0].weight)
+        xt = torch.cat([torch.relu(lin0(d)) for d in data]).double()
+    target = (x @ ref[2].weight.detach().double().T)
+    w_star = torch.linalg.lstsq(xt, target).solution.T
+    torch.testing.assert_close(p["2.weight"].w0.double(), w_star, rtol=1e-3, atol=1e-4)
+    assert not torch.allclose(p["2.weight"].w0, ref[2].weight.detach(), atol=1e-3)
+
+
+def test_float_target_in_blocks_and_resume(tmp_path):
+    model = tiny_llama()
+    ref = tiny_llama()
+    rec = Recorder(ptq.LCSolver(steps=3))
+    ptq.posttrain(model, TASKS, calib(), blocks=list(model.model.layers), solver=rec, forward=fwd, target="float")
+    n = "model.layers.1.mlp.up_proj.weight"
+    x = inputs_of(ref, [n], calib())[n].double()  # the float model's inputs to block 1's up_proj
+    comp0 = copy.deepcopy(ref)
+    with torch.no_grad():
+        for name, w in dict(model.named_parameters()).items():
+            if name.startswith("model.layers.0."):
+                dict(comp0.named_parameters())[name].copy_(w)
+    xt = inputs_of(comp0, [n], calib())[n].double()
+    h = xt.T @ xt / xt.shape[0]
+    c = xt.T @ x / xt.shape[0]
+    dp = 0.01 * float(h.diagonal().mean())
+    w0 = dict(ref.named_parameters())[n].detach().double()
+    w_star = torch.linalg.solve(h + dp * torch.eye(32, dtype=torch.float64), (c + dp * torch.eye(32, dtype=torch.float64)) @ w0.T).T
+    torch.testing.assert_close(rec.problems[n].w0.double(), w_star, rtol=1e-3, atol=1e-5)
+    # resumed with the float target: the same result as one go
+    again = tiny_llama()
+    with pytest.raises(KeyboardInterrupt):
+        ptq.posttrain(again, TASKS, calib(), blocks=list(again.model.layers), forward=fwd, target="float",
+                      solver=Interrupt(ptq.LCSolver(steps=3), at=10), checkpoint=tmp_path / "ck")
+    ptq.posttrain(again, TASKS, calib(), blocks=list(again.model.layers), forward=fwd, target="float",
+                  solver=ptq.LCSolver(steps=3), checkpoint=tmp_path / "ck")
+    assert same_state(state(again), state(model))
+    with pytest.raises(ValueError, match="target='self'"):
+        ptq.posttrain(tiny_llama(), TASKS, calib(), forward=fwd, target="self")

@@ -358,23 +358,42 @@ def _token_mask(batch: Any) -> Tensor | None:
 
 class _HessianHooks:
     """Forward pre-hooks that accumulate Σ xxᵀ of each layer's input over the calibration rows; layers called on
-    the same input tensor in a forward pass (q, k and v) share one accumulator."""
+    the same input tensor in a forward pass (q, k and v) share one accumulator.
+
+    For the float target (:func:`posttrain`'s ``target="float"``) a pass in ``stash`` mode first keeps each layer's
+    input x on the float model's path, and the next pass, on the compressed model's path x̃, also accumulates the
+    cross term Σ x̃ xᵀ."""
 
     def __init__(self, layers: dict[str, nn.Module]) -> None:
         self.sums: dict[str, Tensor] = {}
+        self.cross: dict[str, Tensor] = {}
         self.count: dict[str, int] = {}
         self.alias: dict[str, str] = {}
         self.mask: Tensor | None = None
+        self.stash_mode = False
+        self._stash: dict[str, Tensor] = {}
         self._seen: dict[int, tuple[str, Tensor]] = {}
         self._handles = [m.register_forward_pre_hook(self._hook(n)) for n, m in layers.items()]
 
-    def new_pass(self, mask: Tensor | None) -> None:
+    def new_pass(self, mask: Tensor | None, stash: bool = False) -> None:
         self.mask = mask
+        self.stash_mode = stash
         self._seen.clear()
+        if stash:
+            self._stash = {}
+
+    def _rows(self, x: Tensor) -> Tensor:
+        x2 = x.detach().reshape(-1, x.shape[-1]).float()
+        if self.mask is not None and self.mask.numel() == x2.shape[0]:
+            x2 = x2[self.mask.reshape(-1).to(x2.device)]
+        return x2
 
     def _hook(self, name: str):
         def hook(mod, args):
             x = args[0]
+            if self.stash_mode:
+                self._stash[name] = x
+                return None
             prev = self._seen.get(id(x))
             if prev is not None and prev[1] is x:  # the same input as an earlier layer of this pass
                 if self.alias.setdefault(name, prev[0]) != prev[0] or name in self.sums:
@@ -385,9 +404,7 @@ class _HessianHooks:
                 raise ValueError(f"layer {name!r} shares its input with {self.alias[name]!r} on some calibration "
                                  "batches only")
             self._seen[id(x)] = (name, x)  # keeps x alive, so its id is not reused within the pass
-            x2 = x.detach().reshape(-1, x.shape[-1]).float()
-            if self.mask is not None and self.mask.numel() == x2.shape[0]:
-                x2 = x2[self.mask.reshape(-1).to(x2.device)]
+            x2 = self._rows(x)
             if not bool(torch.isfinite(x2).all()):
                 raise FloatingPointError(f"the input of layer {name!r} holds NaN or Inf")
             if name not in self.sums:
@@ -395,6 +412,11 @@ class _HessianHooks:
                 self.count[name] = 0
             self.sums[name].addmm_(x2.T, x2)
             self.count[name] += x2.shape[0]
+            if name in self._stash:
+                xf = self._rows(self._stash[name])
+                if name not in self.cross:
+                    self.cross[name] = torch.zeros_like(self.sums[name])
+                self.cross[name].addmm_(x2.T, xf)
             return None
 
         return hook
@@ -410,6 +432,12 @@ class _HessianHooks:
         if n == 0:
             raise ValueError(f"layer {name!r} saw no calibration rows (is it used in the model's forward pass?)")
         return self.sums[src] / n, n, src
+
+    def cross_term(self, name: str) -> Tensor | None:
+        """Σ x̃ xᵀ / N (compressed path × float path), or None without a stash pass."""
+        src = self.alias.get(name, name)
+        c = self.cross.get(src)
+        return None if c is None else c / self.count[src]
 
 
 def _out(o: Any) -> Tensor:
@@ -482,6 +510,7 @@ def posttrain(
     solver: Solver | str = "lc",
     forward: Callable[[nn.Module, Any], Any] | None = None,
     damp: float = 0.01,
+    target: str = "own",
     checkpoint: str | Path | None = None,
     progress: bool = True,
 ) -> PostTrainResult:
@@ -501,6 +530,12 @@ def posttrain(
             ``solver(task, problems)`` (e.g. an :class:`LCSolver` with other settings, or a peer method).
         forward: ``forward(model, batch)`` runs the model on one batch (default: see ``calibration``).
         damp: δ of the dampened H (module docstring), ≥ 0.
+        target: what each layer's loss asks it to reproduce. ``"own"`` (GPTQ's choice): its own float outputs on
+            the inputs it now gets, ‖X̃(W − W₀)ᵀ‖². ``"float"``: the float model's outputs, ‖X̃Wᵀ − XW₀ᵀ‖², where X
+            are the layer's inputs in the float model; the loss is then the same quadratic in H̃ around the
+            weights W* that best undo the error of the layers before (:func:`_float_target`), so a layer corrects
+            what the earlier ones lost instead of preserving it. It costs one more forward pass of each block over
+            the calibration set and a second copy of the block inputs.
         checkpoint: a directory: after every block the run saves its state there, and a run started with the same
             directory, model, tasks, solver and calibration resumes from the last finished block.
         progress: a progress bar per block when stderr is a terminal (a log line per block otherwise).
@@ -517,6 +552,8 @@ def posttrain(
     model = unwrap_model(model)
     if isinstance(damp, bool) or not isinstance(damp, (int, float)) or not (damp >= 0 and math.isfinite(damp)):
         raise ValueError(f"damp={damp!r} must be a finite number >= 0")
+    if target not in ("own", "float"):
+        raise ValueError(f"target={target!r} must be 'own' or 'float'")
     if isinstance(solver, str):
         named = {"lc": LCSolver, "rtn": lambda: direct_solver}
         if solver not in named:
@@ -543,7 +580,7 @@ def posttrain(
     block_of = _assign_blocks(task_list, block_list, modules, model)
     config = {"solver": getattr(solver, "config", lambda: {"method": getattr(solver, "__name__", repr(solver))})(),
               "damp": float(damp), "tasks": [[t.name, t.compression.config()] for t in task_list],
-              "blocks": [n for n, _ in block_list], "calibration": _calib_digest(batches)}
+              "blocks": [n for n, _ in block_list], "calibration": _calib_digest(batches), "target": target}
     ckpt = _Checkpoint(checkpoint, config) if checkpoint is not None else None
     done_blocks = ckpt.load(task_list) if ckpt else 0
     layers_log: list[dict[str, Any]] = ckpt.layers if ckpt else []
@@ -556,6 +593,7 @@ def posttrain(
             else:
                 inputs = _capture(model, block_list[0][1], batches, forward)
             masks = [_token_mask(b) for b in batches]
+            ref = list(inputs) if target == "float" else None  # the float model's block inputs
             bar = _progress(len(block_list), "posttrain", progress)
             if bar is not None:
                 bar.update(done_blocks)
@@ -563,13 +601,22 @@ def posttrain(
                 btasks = [t for t in task_list if block_of[t.name] == bi]
                 run = (lambda a, k: forward(model, a[0])) if block is model else (lambda a, k: block(*a, **k))
                 if bi < done_blocks:  # resumed: Θ is loaded; only the next block's inputs are needed
+                    if ref is not None and bi + 1 < len(block_list):
+                        ref = [_with_hidden(a, k, _out(run(a, k))) for a, k in ref]
                     _swap_in(btasks, originals, owner)
                 else:
                     t0 = time.perf_counter()
                     groups = _groups_in_order(btasks, owner, run, inputs, masks) if block is model else [btasks]
+                    new_ref = None
                     for group in groups:
-                        layers_log += _solve_group(group, owner, run, inputs, masks, solver, damp, bname)
+                        fw = _FloatWeights(originals, owner) if block is model and originals else None
+                        log, out_ref = _solve_group(group, owner, run, inputs, masks, solver, damp, bname,
+                                                    ref_inputs=ref, float_weights=fw)
+                        layers_log += log
+                        new_ref = new_ref if new_ref is not None else out_ref
                         _swap_in(group, originals, owner)
+                    if ref is not None and bi + 1 < len(block_list):
+                        ref = new_ref if new_ref is not None else [_with_hidden(a, k, _out(run(a, k))) for a, k in ref]
                     if ckpt:
                         ckpt.save(bi + 1, task_list, layers_log)
                     msg = f"block {bi + 1}/{len(block_list)} {bname or '(model)'}: {len(btasks)} tasks in " \
@@ -669,11 +716,34 @@ def _groups_in_order(btasks, owner, run, inputs, masks) -> list[list[Task]]:
     return groups
 
 
-def _solve_group(group, owner, run, inputs, masks, solver, damp, bname) -> list[dict[str, Any]]:
+def _float_target(w0: Tensor, h: Tensor, c: Tensor, damp: float) -> Tensor:
+    """W* = argmin_W ‖X̃Wᵀ − XW₀ᵀ‖²/N + δ'‖W − W₀‖² = W₀(Cᵀ + δ'I)(H̃ + δ'I)⁻¹, with H̃ = X̃ᵀX̃/N, C = X̃ᵀX/N and
+    δ' = δ·mean(diag H̃): the weights that best give the float model's outputs from the compressed model's inputs.
+    The layer's loss is then (W − W*)(H̃ + δ'I)(W − W*)ᵀ up to a constant."""
+    hd = h.double().clone()
+    dp = damp * float(hd.diagonal().mean().clamp_min(1e-30))
+    hd.diagonal().add_(dp)
+    cd = c.double().clone()
+    cd.diagonal().add_(dp)
+    return torch.linalg.solve(hd, cd @ w0.double().T).T.to(w0.dtype)
+
+
+def _solve_group(group, owner, run, inputs, masks, solver, damp, bname, ref_inputs=None,
+                 float_weights=None) -> tuple[list[dict[str, Any]], list | None]:
+    """H (and, with ``ref_inputs``, the float target) of the group's layers from one pass over the calibration
+    batches, then each task solved. Returns the layer records and, with ``ref_inputs``, the block's outputs on the
+    float path (the stash passes run the float block)."""
     names = {n: owner[n] for t in group for n in t.param_names}
     hooks = _HessianHooks(names)
+    ref_out = [] if ref_inputs is not None else None
     try:
-        for (a, k), m in zip(inputs, masks):
+        for j, ((a, k), m) in enumerate(zip(inputs, masks)):
+            if ref_inputs is not None:
+                hooks.new_pass(m, stash=True)
+                ra, rk = ref_inputs[j]
+                with float_weights() if float_weights is not None else _nullcontext():
+                    y = run(ra, rk)
+                ref_out.append(_with_hidden(ra, rk, _out(y)))
             hooks.new_pass(m)
             run(a, k)
     except FloatingPointError as e:
@@ -687,7 +757,11 @@ def _solve_group(group, owner, run, inputs, masks, solver, damp, bname) -> list[
         for n in t.param_names:
             h, count, src = hooks.hessian(n)
             eig = eigs.setdefault(src, _Eig(h, damp))
-            problems.append(LayerProblem(n, names[n], names[n].weight.detach().float().clone(), h, count, damp, eig))
+            w0 = names[n].weight.detach().float().clone()
+            c = hooks.cross_term(n)
+            if c is not None:
+                w0 = _float_target(w0, h, c, damp)
+            problems.append(LayerProblem(n, names[n], w0, h, count, damp, eig))
         t0 = time.perf_counter()
         info = solver(t, problems) or {}
         dt = time.perf_counter() - t0
@@ -697,7 +771,38 @@ def _solve_group(group, owner, run, inputs, masks, solver, damp, bname) -> list[
                    "seconds": dt / len(problems), **{k: v for k, v in info.items() if isinstance(v, (int, float))}}
             log.append(rec)
             logger.debug("%s: relative output error %.4g", p.name, rec["rel_error"])
-    return log
+    return log, ref_out
+
+
+class _nullcontext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+class _FloatWeights:
+    """Within the block: the layers already compressed hold their original weights (the float model's path)."""
+
+    def __init__(self, originals: dict[str, Tensor], owner: dict[str, nn.Module]) -> None:
+        self.originals, self.owner = originals, owner
+        self.saved: dict[str, Tensor] = {}
+
+    def __call__(self):
+        return self
+
+    def __enter__(self):
+        for n, w in self.originals.items():
+            self.saved[n] = self.owner[n].weight.detach().clone()
+            self.owner[n].weight.data.copy_(w)
+        return self
+
+    def __exit__(self, *exc):
+        for n, w in self.saved.items():
+            self.owner[n].weight.data.copy_(w)
+        self.saved = {}
+        return False
 
 
 def _swap_in(group, originals, owner) -> None:
@@ -737,7 +842,7 @@ class _Checkpoint:
         if not isinstance(state, dict) or state.get("format") != CKPT_FORMAT or state.get("version") != CKPT_VERSION:
             raise CheckpointMismatchError(f"{str(self.path)!r} is not a post-training checkpoint of this version")
         saved = state.get("config", {})
-        for key in ("solver", "damp", "tasks", "blocks", "calibration"):
+        for key in ("solver", "damp", "tasks", "blocks", "calibration", "target"):
             if saved.get(key) != self.config.get(key):
                 raise CheckpointMismatchError(
                     f"checkpoint {str(self.path)!r} is of another run: its {key} differs "
