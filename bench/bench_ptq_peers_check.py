@@ -32,6 +32,7 @@ import os
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -49,12 +50,11 @@ SCHEMES = {"int4-g64": ("int", 4, 64), "int3-g64": ("int", 3, 64), "sparse50": (
            "2:4": ("nm", 2, 4)}
 METHODS = {"float", "rtn", "rtn_absmax", "gptq", "sparsegpt", "wanda", "magnitude"}
 DEFAULT_RUNS = [
-    "ours:float:-", "llmc:float:-",
+    "ours:float:-",
+    "ours:gptq:int4-g64", "llmc:gptq:int4-g64", "ours:sparsegpt:sparse50", "llmc:sparsegpt:sparse50",
+    "ours:gptq:int3-g64", "llmc:gptq:int3-g64", "ours:sparsegpt:2:4", "llmc:sparsegpt:2:4",
     "ours:rtn_absmax:int4-g64", "llmc:rtn_absmax:int4-g64", "ours:rtn_absmax:int3-g64", "llmc:rtn_absmax:int3-g64",
-    "ours:rtn:int4-g64", "ours:rtn:int3-g64",
-    "ours:magnitude:sparse50", "ours:magnitude:2:4",
-    "ours:gptq:int4-g64", "llmc:gptq:int4-g64", "ours:gptq:int3-g64", "llmc:gptq:int3-g64",
-    "ours:sparsegpt:sparse50", "llmc:sparsegpt:sparse50", "ours:sparsegpt:2:4", "llmc:sparsegpt:2:4",
+    "ours:magnitude:sparse50", "ours:magnitude:2:4", "ours:rtn:int4-g64", "ours:rtn:int3-g64", "llmc:float:-",
     "ours:wanda:sparse50", "llmc:wanda:sparse50", "ours:wanda:2:4", "llmc:wanda:2:4",
 ]
 #: the issue's figures (llmcompressor 0.14 on CPU, symmetric groups of 64, float16 scales, a held-out Austen novel)
@@ -72,12 +72,14 @@ def _sha256(path: Path) -> str:
 
 
 def _versions() -> dict:
-    out = {"torch": torch.__version__}
-    for mod in ("transformers", "llmcompressor", "compressed_tensors", "gguf", "numpy"):
+    from importlib import metadata
+
+    out = {"torch": torch.__version__, "python": sys.version.split()[0], "executable": sys.executable}
+    for dist in ("transformers", "llmcompressor", "compressed-tensors", "gguf", "numpy", "accelerate"):
         try:
-            out[mod] = __import__(mod).__version__
-        except Exception:  # noqa: BLE001 - recorded as absent
-            out[mod] = None
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[dist] = None
     return out
 
 
@@ -122,7 +124,7 @@ def run_ours(args, model, tok, calib_ids) -> dict:
     prefix, blocks = hf.decoder_layers(model)
     batches = [{"input_ids": calib_ids[i:i + args.batch]} for i in range(0, calib_ids.shape[0], args.batch)]
     t0 = time.perf_counter()
-    res = posttrain(model, tasks, batches, blocks=blocks, solver=solver, damp=args.damp, progress=False)
+    res = posttrain(model, tasks, batches, blocks=blocks, solver=solver, damp=args.damp, progress=True)
     seconds = time.perf_counter() - t0
     rep = res.size_report()["scopes"]["compressed"]
     losses = [r.get("loss") for r in res.layers if r.get("loss") is not None]
@@ -175,9 +177,21 @@ def run_llmc(args, model, tok, calib_ids) -> dict:
 
     names = _linear_names(model)
     recipe = _llmc_recipe(args.method, args.scheme, args)
+    params = dict(model.named_parameters())
+    originals = {n: params[n].detach().float().clone() for n in names} if args.method == "rtn_absmax" else {}
     loader = torch.utils.data.DataLoader(
         [{"input_ids": calib_ids[i], "attention_mask": torch.ones_like(calib_ids[i])}
          for i in range(calib_ids.shape[0])], batch_size=1, shuffle=False)
+    # transformers' GGUF loader de-quantizes to plain float Linear weights but marks the model as quantized ("gguf"),
+    # which oneshot refuses; the mark is dropped (the weights are float). oneshot also re-reads the config from
+    # model.config.name_or_path, for a GGUF file its directory (no config.json): the loaded config is saved for it
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer = None
+    cfg_dir = tempfile.mkdtemp(prefix="llmc-config-")
+    model.config.save_pretrained(cfg_dir)
+    model.config._name_or_path = cfg_dir
     t0 = time.perf_counter()
     oneshot(model=model, processor=tok, dataset=loader, recipe=recipe, num_calibration_samples=calib_ids.shape[0],
             max_seq_length=calib_ids.shape[1], shuffle_calibration_samples=False)
@@ -187,6 +201,16 @@ def run_llmc(args, model, tok, calib_ids) -> dict:
     info = {"compress_seconds": seconds, "layers": len(out)}
     kind, a, b = SCHEMES[args.scheme]
     mods = dict(model.named_modules())
+    if args.method == "rtn_absmax":
+        # QuantizationModifier leaves the float weights and quantizes them in the forward pass (and when saving):
+        # its weights are compressed-tensors' fake_quantize of W with the scales its observer set
+        from compressed_tensors.quantization.lifecycle.forward import fake_quantize
+
+        with torch.no_grad():
+            for name in names:
+                mod = mods[name.rsplit(".", 1)[0]]
+                out[name] = fake_quantize(params[name].detach(), mod.weight_scale, mod.weight_zero_point,
+                                          mod.quantization_scheme.weights).float()
     if kind == "int":  # are the weights on the grid of float16 scales the file format stores?
         dev, codes_ok = 0.0, True
         for name, w in out.items():
@@ -199,6 +223,19 @@ def run_llmc(args, model, tok, calib_ids) -> dict:
             codes_ok &= bool(q.round().min() >= -(1 << (a - 1))) and bool(q.round().max() <= (1 << (a - 1)) - 1)
         info["max_code_deviation"] = dev
         info["codes_in_range"] = codes_ok
+        if originals:  # round-to-nearest is deterministic: ours must give the very same weights
+            from lcompress import ptq_peers as P
+
+            same = total = 0
+            maxdiff = 0.0
+            for name, w0 in originals.items():
+                s_, _ = P.absmax_grid(w0, a, b)
+                _, q = P.quantize_to_grid(w0, s_.repeat_interleave(b, dim=1)[:, : w0.shape[1]], None, a)
+                same += int((q == out[name]).sum())
+                total += q.numel()
+                maxdiff = max(maxdiff, float((q - out[name]).abs().max()))
+            info["ours_rtn_absmax_equal_share"] = same / total
+            info["ours_rtn_absmax_max_abs_diff"] = maxdiff
     else:
         kept = sum(int((w != 0).sum()) for w in out.values())
         total = sum(w.numel() for w in out.values())
@@ -265,6 +302,10 @@ def cmd_run(args) -> dict:
             info = run_ours(args, model, tok, calib_ids) if args.impl == "ours" else \
                 run_llmc(args, model, tok, calib_ids)
             model = info.pop("_model", model)
+    if args.save_weights:  # a few blocks' compressed weights, to compare the two implementations weight by weight
+        keep = [f"model.layers.{i}." for i in args.layer_blocks]
+        torch.save({n: p.detach().float().clone() for n, p in model.named_parameters()
+                    if any(n.startswith(k) for k in keep) and n.endswith("proj.weight")}, args.save_weights)
     out["peak_rss_mib_compress"] = _peak_rss_mib()
     ppl = hf.perplexity(model, tok, eval_text, seqlen=args.seqlen, max_tokens=args.eval_tokens, progress=False,
                         source="eval.txt")
@@ -456,6 +497,7 @@ def main(argv=None) -> int:
     ap.add_argument("--no-layer-check", dest="layer_check", action="store_false")
     ap.add_argument("--layer-windows", type=int, default=16)
     ap.add_argument("--layer-blocks", type=lambda s: [int(x) for x in s.split(",")], default=[0, 15, 29])
+    ap.add_argument("--save-weights", default=None, help="run: save the --layer-blocks' compressed weights here")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s: %(message)s")
@@ -469,11 +511,17 @@ def main(argv=None) -> int:
         ap.error(f"--scheme {args.scheme!r}: one of {sorted(SCHEMES)}")
     if args.mode == "all" and not args.out:
         ap.error("all needs --out")
-    result = {"run": cmd_run, "layers": cmd_layers, "all": cmd_all}[args.mode](args)
     if args.mode != "all":
-        json.dump(result, sys.stdout, indent=1)
-        sys.stdout.write("\n")
+        # llmcompressor logs to stdout (loguru): everything written to fd 1 goes to stderr, the JSON to the real stdout
+        sys.stdout.flush()
+        real = os.fdopen(os.dup(1), "w")
+        os.dup2(2, 1)
+        result = {"run": cmd_run, "layers": cmd_layers}[args.mode](args)
+        json.dump(result, real, indent=1)
+        real.write("\n")
+        real.flush()
     else:
+        result = cmd_all(args)
         log(json.dumps(result.get("table"), indent=1))
     return 0
 
