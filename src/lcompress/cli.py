@@ -574,7 +574,7 @@ def cmd_ptq(args) -> int:
         res = run_ptq(args.model, args.calib, out, scheme=args.scheme, config=args.config, method=args.method,
                       eval_text=args.eval, calib_samples=args.calib_samples, seqlen=args.seqlen, seed=args.seed,
                       eval_tokens=args.eval_tokens, solver_args=solver_args, overwrite=args.overwrite,
-                      float_eval=not args.no_float_eval, damp=args.damp, batch_size=args.batch_size,
+                      float_eval=not args.no_float_eval, damp=args.damp, batch_size=args.batch_size, target=args.target,
                       trust_code=args.trust_code, progress=_bars(args), on_ready=log.start)
     except KeyboardInterrupt:
         print(f"lcompress: interrupted; run the same command again to resume from the last finished block "
@@ -695,6 +695,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--seed", type=int, default=0, help="seed of the calibration windows")
     q.add_argument("--steps", type=int, help="LC steps per layer (default 30)")
     q.add_argument("--damp", type=float, default=0.01, help="dampening of H, relative to its mean diagonal")
+    q.add_argument("--target", default="own", choices=["own", "float"],
+                   help="each layer reproduces its own float outputs (own, as GPTQ) or the float model's (float)")
     q.add_argument("--batch-size", type=int, default=8, help="calibration sequences per forward pass")
     q.add_argument("--no-float-eval", action="store_true", help="skip the float model's perplexity")
     q.add_argument("--overwrite", action="store_true", help="replace a finished run (or a checkpoint) in --out")

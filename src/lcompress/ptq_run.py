@@ -170,7 +170,8 @@ def run_ptq(model_path: str | Path, calib: str | Path, out: str | Path, *, schem
             config: str | Path | None = None, method: str = "lc", eval_text: str | Path | None = None,
             calib_samples: int = 128, seqlen: int = 512, seed: int = 0, eval_tokens: int = 40960,
             solver_args: dict[str, Any] | None = None, overwrite: bool = False, float_eval: bool = True,
-            damp: float = 0.01, batch_size: int = 8, trust_code: bool = False, progress: bool = True,
+            damp: float = 0.01, batch_size: int = 8, target: str = "own", trust_code: bool = False,
+            progress: bool = True,
             on_ready: Callable[[], Any] | None = None) -> dict[str, Any]:
     """Compress a Hugging Face causal LM post-training and write the run directory (see the module docstring).
 
@@ -192,6 +193,8 @@ def run_ptq(model_path: str | Path, calib: str | Path, out: str | Path, *, schem
             raise ConfigError(f"{flag}={v!r}: must be an integer >= {lo}")
     if not (isinstance(damp, (int, float)) and math.isfinite(damp) and damp >= 0):
         raise ConfigError(f"--damp={damp!r}: must be a finite number >= 0")
+    if target not in ("own", "float"):
+        raise ConfigError(f"--target={target!r}: must be 'own' or 'float'")
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {str(out)!r} exists and is not a directory")
@@ -218,7 +221,9 @@ def run_ptq(model_path: str | Path, calib: str | Path, out: str | Path, *, schem
     # everything is checked: the run directory may be touched now
     out.mkdir(parents=True, exist_ok=True)
     with DirectoryLock(out, "run directory"):
-        remove_stale_temporaries(out)
+        remove_stale_temporaries(out, ("model.lcz", "results.json"))
+        if (out / "ckpt").is_dir():
+            remove_stale_temporaries(out / "ckpt", ("posttrain.pt",))
         if on_ready is not None:
             on_ready()
         if overwrite:
@@ -228,7 +233,7 @@ def run_ptq(model_path: str | Path, calib: str | Path, out: str | Path, *, schem
                                "config": None if config is None else str(config),
                                "calibration": {"file": str(calib), "samples": calib_samples, "seqlen": seqlen,
                                                "seed": seed},
-                               "damp": damp, "threads": torch.get_num_threads()}
+                               "damp": damp, "target": target, "threads": torch.get_num_threads()}
         if eval_str is not None and float_eval:
             res["float"] = hf.perplexity(model, tok, eval_str, seqlen=seqlen, max_tokens=eval_tokens,
                                          source=str(eval_text), progress=None if progress else False)
@@ -236,7 +241,7 @@ def run_ptq(model_path: str | Path, calib: str | Path, out: str | Path, *, schem
         fwd = lambda m, b: m(input_ids=b, use_cache=False)  # noqa: E731
         try:
             result = posttrain(model, tasks, batches, blocks=blocks, solver=solver, forward=fwd, damp=damp,
-                               checkpoint=out / "ckpt", progress=progress)
+                               target=target, checkpoint=out / "ckpt", progress=progress)
         except (TypeError, ValueError) as e:  # bad tasks or a checkpoint of another run
             raise ConfigError(str(e)) from None
         res["compress_seconds"] = time.perf_counter() - t0

@@ -82,6 +82,8 @@ class AdditiveCombination(Compression):
         self.matrix = any(p.matrix for p in flat)
         self.conv_scheme = schemes.pop() if schemes else "scheme_1"
         self.contains_zero = all(p.contains_zero for p in flat)
+        # the weighted C step alternates the parts' own weighted C steps (post-training LC's diagonal metric)
+        self.supports_importance = all(p.supports_importance for p in flat)
         self.penalty_form = any(p.penalty_form for p in flat)
         # alternation with a low-rank part reaches a local optimum: compressing Δ(Θ) again comes back only nearly
         idem = [p.idempotence for p in flat]
@@ -117,8 +119,28 @@ class AdditiveCombination(Compression):
         # Δ summed as decompress() sums it, so that what LC uses is bit for bit what a file decodes to
         return out if out is not None else self._sum(tuple(w.shape))
 
+    def _order(self) -> list[int]:
+        """The order of the parts in a round: as written, except that beside a grid of integers
+        (:class:`GroupedIntQuantization`) the sparse parts go first, so that they take the outliers before the grid
+        sets its scales around them (grid first, an outlier fixes its group's scale and stays on the grid)."""
+        from .grouped import GroupedIntQuantization
+        from .pruning import _Sparse
+
+        if not any(isinstance(p, GroupedIntQuantization) for p in self.parts):
+            return list(range(len(self.parts)))
+        sparse = [i for i, p in enumerate(self.parts) if isinstance(p, _Sparse)]
+        return sparse + [i for i in range(len(self.parts)) if i not in sparse]
+
+    def _compress_importance(self, w: Tensor, mu: float, importance: Tensor) -> Tensor:
+        """The weighted C step, min Σᵢ dᵢ(wᵢ − Σ_p Δ_pᵢ)²: each part's weighted C step on the residual, in turn."""
+        self.last_rounds = 0
+        deltas = [torch.zeros_like(w) for _ in self.parts]
+        self._alternate(w, mu, deltas, torch.zeros_like(w), None, self.rounds, importance)
+        self._theta = {f"part{i}": p.theta for i, p in enumerate(self.parts)}
+        return self._sum(tuple(w.shape))
+
     def _alternate(self, w: Tensor, mu: float, deltas: list[Tensor], total: Tensor, d: float | None,
-                   rounds: int) -> Tensor:
+                   rounds: int, importance: Tensor | None = None) -> Tensor:
         """Up to ``rounds`` rounds of block coordinate descent from ``deltas`` (whose sum is ``total`` and whose
         distortion is ``d``, None for the all-zero start). Returns the sum of the parts' Δ; for constraint forms
         the best state seen is kept (a C step that is not exact, such as Lloyd's k-means, can rise slightly)."""
@@ -128,12 +150,13 @@ class AdditiveCombination(Compression):
             best = (d, list(deltas), [p.state_dict() for p in self.parts])
         prev = d
         for r in range(rounds):
-            for i, part in enumerate(self.parts):
+            for i in self._order():
+                part = self.parts[i]
                 resid = w - (total - deltas[i])
-                new = part.compress(resid, mu, check=False)  # w was checked once by compress()
+                new = part.compress(resid, mu, check=False, importance=importance)  # w was checked by compress()
                 total += new - deltas[i]
                 deltas[i] = new
-            d = float(torch.sum((w - total) ** 2))
+            d = float(torch.sum((w - total) ** 2 if importance is None else importance * (w - total) ** 2))
             self.last_rounds += 1
             if keep_best and (best is None or d <= best[0]):
                 best = (d, list(deltas), [p.state_dict() for p in self.parts])

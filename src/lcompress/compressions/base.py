@@ -51,6 +51,8 @@ class Compression:
 
     #: True when the C step needs a matrix view of the weights (low-rank); False for elementwise/vector ones
     matrix: bool = False
+    #: how a matrix compression views a conv weight (:mod:`lcompress.views`); (out, in·kh·kw) unless it says
+    conv_scheme: str = "scheme_1"
     #: True when Θ = 0 is feasible, i.e. Δ can be the zero tensor (used by additive combinations)
     contains_zero: bool = True
     #: True for penalty forms (min α·C(Θ) + μ/2‖w − Δ(Θ)‖²), whose C step depends on μ; at μ → 0⁺ they
