@@ -16,6 +16,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ._threads import c_step_threads
+
 __all__ = ["grid_descent", "grid_scales", "support_solve", "layer_loss"]
 
 
@@ -39,6 +41,11 @@ def grid_descent(w: Tensor, w0: Tensor, h: Tensor, scale: Tensor, offset: Tensor
     Returns:
         (the improved weights, the number of moves made).
     """
+    with c_step_threads(0, w.device):  # a loop of small ops: one thread does them fastest
+        return _grid_descent(w, w0, h, scale, offset, lo, hi, sweeps, block)
+
+
+def _grid_descent(w, w0, h, scale, offset, lo, hi, sweeps, block):
     w = w.clone().float()
     w0 = w0.float()
     h = h.float()

@@ -575,7 +575,7 @@ def cmd_ptq(args) -> int:
                       eval_text=args.eval, calib_samples=args.calib_samples, seqlen=args.seqlen, seed=args.seed,
                       eval_tokens=args.eval_tokens, solver_args=solver_args, overwrite=args.overwrite,
                       float_eval=not args.no_float_eval, damp=args.damp, batch_size=args.batch_size, target=args.target,
-                      trust_code=args.trust_code, progress=_bars(args), on_ready=log.start)
+                      trust_code=args.trust_code, progress=not args.quiet, on_ready=log.start)
     except KeyboardInterrupt:
         print(f"lcompress: interrupted; run the same command again to resume from the last finished block "
               f"({out / 'ckpt'})", file=sys.stderr)

@@ -43,6 +43,7 @@ import torch
 from torch import Tensor, nn
 
 from ._io import atomic_save
+from ._threads import c_step_threads
 from .algorithm import size_report
 from .compressions.base import Compression
 from .tasks import Task, resolve_tasks, unwrap_model
@@ -73,11 +74,18 @@ class _Eig:
         self.h = h
         self.damp = damp
         self._cache: dict[str, tuple[Tensor, Tensor, Tensor]] = {}
+        self._hd: Tensor | None = None
 
     def dampened(self) -> Tensor:
         hd = self.h.double().clone()
         hd.diagonal().add_(self.damp * float(hd.diagonal().mean().clamp_min(1e-30)))
         return hd
+
+    def dampened_float(self) -> Tensor:
+        """H + δ·mean(diag H)·I at H's dtype, computed once."""
+        if self._hd is None:
+            self._hd = self.dampened().to(self.h.dtype)
+        return self._hd
 
     def get(self, metric: str = "euclidean") -> tuple[Tensor, Tensor, Tensor]:
         """(c, e, Q): H̃ = C⁻¹ H_δ C⁻¹ = Q diag(e) Qᵀ, with c = 1 for ``"euclidean"`` and the Jacobi scaling for
@@ -119,14 +127,13 @@ class LayerProblem:
         return self._eig.get(metric)
 
     def dampened(self) -> Tensor:
-        """H + δ·mean(diag H)·I (a new tensor)."""
-        return self._eig.dampened().to(self.hessian.dtype)
+        """H + δ·mean(diag H)·I (shared; do not modify)."""
+        return self._eig.dampened_float()
 
     def loss(self, w: Tensor) -> float:
         """tr((W − W₀) H_δ (W − W₀)ᵀ): the calibration loss of weights ``w`` (dampening included)."""
-        _, e, q = self.eig()
-        d = (w.float() - self.w0) @ q
-        return float((d * d * e).sum())
+        d = w.float() - self.w0
+        return float(((d @ self.dampened()) * d).sum())
 
     def relative_error(self, w: Tensor) -> float:
         """‖X(W − W₀)ᵀ‖² / ‖XW₀ᵀ‖² on the calibration set (no dampening)."""
@@ -284,8 +291,9 @@ def _polish(task: Task, problems: Sequence[LayerProblem]) -> float:
         mins = None if mins is None else mins.float()
         codes = th["codes"].reshape(rows, cols).float() + lo
         best = (before, scales, mins, codes)
-        for _ in range(3):
-            w, _ = LW.grid_descent(w, p.w0, hd, expand(scales), None if mins is None else expand(mins), lo, hi)
+        for _ in range(2):
+            w, _ = LW.grid_descent(w, p.w0, hd, expand(scales), None if mins is None else expand(mins), lo, hi,
+                                   sweeps=2)
             safe = torch.where(expand(scales) == 0, torch.ones_like(w), expand(scales))
             codes = torch.round((w - (0 if mins is None else expand(mins))) / safe).clamp_(lo, hi)
             codes = torch.where(expand(scales) == 0, torch.zeros_like(codes), codes)
@@ -297,8 +305,11 @@ def _polish(task: Task, problems: Sequence[LayerProblem]) -> float:
             cand = grouped_delta(s_new, m_new, codes - lo, comp.bits, comp.group, comp.symmetric, rows, cols)
             cur = p.loss(cand)
             if cur < best[0]:
+                gain = 1 - cur / best[0]
                 best = (cur, s_new, m_new, codes)
                 scales, mins, w = s_new, m_new, cand
+                if gain < 0.005:  # a further round would move little
+                    break
             else:
                 break
         comp.set_grid(best[1], best[3].long(), best[2])
@@ -763,7 +774,9 @@ def _solve_group(group, owner, run, inputs, masks, solver, damp, bname, ref_inpu
                 w0 = _float_target(w0, h, c, damp)
             problems.append(LayerProblem(n, names[n], w0, h, count, damp, eig))
         t0 = time.perf_counter()
-        info = solver(t, problems) or {}
+        # many small tensor ops: on one thread when the cores are busy (see lcompress._threads)
+        with c_step_threads(t.numel, problems[0].w0.device):
+            info = solver(t, problems) or {}
         dt = time.perf_counter() - t0
         deltas = t.scatter(t.compression.decompress())
         for p, d in zip(problems, deltas):
