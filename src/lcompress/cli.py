@@ -403,10 +403,18 @@ def cmd_export(args) -> int:
 
     _setup_logging(args.verbose, args.quiet)
     run = Path(args.run_dir)
-    if not (run / "config.json").is_file():
+    fmt = getattr(args, "format", "lcz")
+    # an ``lcompress ptq`` run directory holds model.lcz and results.json, and no config.json
+    ptq_run = not (run / "config.json").is_file() and (run / "results.json").is_file()
+    if not ptq_run and not (run / "config.json").is_file():
         from .config import ConfigError
 
         raise ConfigError(f"{str(run)!r} is not a finished run directory: config.json is missing")
+    if not ptq_run and fmt != "lcz":
+        from .config import ConfigError
+
+        raise ConfigError(f"--format {fmt}: {str(run)!r} is not an lcompress ptq run (model.lcz and results.json); "
+                          "GGUF export writes the Llama models that lcompress ptq compresses")
     # the run's files must not change under the export (a compress --resume there): one process per run directory
     lock = DirectoryLock(run, "run directory")
     try:
@@ -417,9 +425,52 @@ def cmd_export(args) -> int:
         # a run directory this user cannot write to (someone else's, a read-only mount) can still be read
         logger.warning("cannot lock %s (%s): exporting it without the lock", run, e.strerror)
     try:
-        return _export_run(args, run)
+        return _export_ptq_run(args, run) if ptq_run else _export_run(args, run)
     finally:
         lock.release()
+
+
+def _export_ptq_run(args, run: Path) -> int:
+    """``lcompress export`` of a ``ptq`` run: its model.lcz as it is (``--format lcz``) or as a GGUF file."""
+    import json
+
+    from .config import ConfigError
+    from .export import CorruptFileError
+
+    lcz = run / "model.lcz"
+    if not lcz.is_file():
+        raise ConfigError(f"{str(run)!r} is not a finished post-training run: model.lcz is missing")
+    if getattr(args, "format", "lcz") == "lcz":
+        if not args.out or Path(args.out).resolve() == lcz.resolve():
+            print(f"{lcz}: {lcz.stat().st_size} bytes (written by lcompress ptq)")
+            return 0
+        from ._io import atomic_write
+
+        atomic_write(Path(args.out), lambda f: f.write(lcz.read_bytes()))
+        print(f"wrote {args.out}: {Path(args.out).stat().st_size} bytes (a copy of {lcz})")
+        return 0
+    from .formats.gguf import GGUFExportError, export_gguf
+
+    if not args.out:
+        raise ConfigError("--format gguf needs --out FILE.gguf")
+    source = args.source
+    if source is None:
+        try:
+            source = json.loads((run / "results.json").read_text(encoding="utf-8"))["model"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ConfigError(f"{run / 'results.json'}: no source model path in it ({_one_line(e)}); pass "
+                              "--source") from None
+        if not Path(source).exists():
+            raise ConfigError(f"the source model {source!r} named in {run / 'results.json'} is not there; pass "
+                              "--source (the GGUF file or Hugging Face directory that was compressed)")
+    try:
+        s = export_gguf(lcz, source, args.out, allow_float=args.allow_float)
+    except (GGUFExportError, CorruptFileError) as e:
+        raise ConfigError(_one_line(e)) from None
+    types = ", ".join(f"{n} {k}" for k, n in sorted(s["types"].items()))
+    print(f"wrote {s['path']}: {s['file_bytes']} bytes, {len(s['tensors'])} tensors ({types}); {s['compressed']} "
+          "written from the compressed model's blocks as they are")
+    return 0
 
 
 def _export_run(args, run: Path) -> int:
@@ -692,9 +743,14 @@ def build_parser() -> argparse.ArgumentParser:
     common(d)
     d.set_defaults(func=cmd_demo)
 
-    e = sub.add_parser("export", help="write the compact .lcz file of a finished run")
+    e = sub.add_parser("export", help="write the compact .lcz file of a finished run (or a ptq run as GGUF)")
     e.add_argument("run_dir")
     e.add_argument("--out")
+    e.add_argument("--format", default="lcz", choices=["lcz", "gguf"],
+                   help="lcz (default) or gguf: a ptq run of a Llama model as a GGUF file for llama.cpp")
+    e.add_argument("--source", help="gguf: the model that was compressed (default: results.json's)")
+    e.add_argument("--allow-float", action="store_true",
+                   help="gguf: write a weight whose compression has no GGUF block type as float (else refused)")
     trust(e)
     common(e)
     e.set_defaults(func=cmd_export)

@@ -378,8 +378,8 @@ def _float_encoding(g, value: Tensor, name: str, src) -> tuple[np.ndarray, Any]:
             raise GGUFExportError(f"tensor {name}: the source has shape {tuple(reversed(src.shape.tolist()))}, the "
                                   f"compressed model {tuple(x.shape)}")
         try:
-            dec = torch.from_numpy(np.ascontiguousarray(g.quants.dequantize(src.data, src.tensor_type),
-                                                        dtype=np.float32)).reshape(x.shape)
+            dec = torch.from_numpy(np.array(g.quants.dequantize(src.data, src.tensor_type), dtype=np.float32)
+                                   ).reshape(x.shape)
         except NotImplementedError:
             dec = None
         if dec is not None and torch.equal(_bits(dec), _bits(x)):
