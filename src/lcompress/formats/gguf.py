@@ -306,6 +306,13 @@ def _source_hf_dir(path: Path) -> _Source:
     head_dim = int(cfg.get("head_dim") or hidden // heads)
     theta = rope.get("rope_theta", cfg.get("rope_theta", 10000.0))
     tokens, scores, types, tok_model = _hf_vocab(g, path)
+    vocab = int(cfg.get("vocab_size") or len(tokens))
+    if len(tokens) < vocab:  # an embedding padded past the tokenizer: llama.cpp wants a token per row
+        pad = vocab - len(tokens)
+        tokens += [f"[PAD{i}]" for i in range(len(tokens), vocab)]
+        types += [g.TokenType.UNUSED] * pad
+        if scores is not None:
+            scores += [-1000.0] * pad
     special = g.SpecialVocab(path, load_merges=tok_model == "gpt2", n_vocab=len(tokens))
 
     def fill(w):
