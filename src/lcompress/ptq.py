@@ -24,9 +24,10 @@ round-to-nearest on the calibration loss.
 
 The block loop is GPTQ's: the inputs of the first block are captured by running the model on the calibration
 batches up to it; each block runs once with hooks that accumulate H of its layers, its tasks are solved, and it runs
-again with Δ(Θ) in place to give the next block's inputs. Memory is one block's inputs for the whole calibration
-set, the model, and Θ. The model's weights change only when the whole run has succeeded; a run given a checkpoint
-directory resumes after a kill from the last finished block.
+again with Δ(Θ) in place to give the next block's inputs, after which its float weights go back. Memory is the
+model, Θ, one block's inputs for the whole calibration set (two copies with ``target="float"``) and one block's float
+weights. The model's weights change only when the whole run has succeeded; a run given a checkpoint directory resumes
+after a kill from the last finished block.
 """
 from __future__ import annotations
 
@@ -643,6 +644,12 @@ def posttrain(
                             raise FloatingPointError(f"block {bname!r} gave NaN or Inf activations on calibration "
                                                      f"batch {j}")
                         inputs[j] = _with_hidden(a, k, y)
+                if block is not model:
+                    # later blocks run on the stored inputs: this block's originals go back now, and only one
+                    # block's originals are ever held (Δ(Θ) is written into the model when the run has succeeded)
+                    for t in btasks:
+                        for n in t.param_names:
+                            owner[n].weight.data.copy_(originals.pop(n))
                 if bar is not None:
                     bar.update(1)
             if bar is not None:
