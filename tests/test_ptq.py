@@ -424,3 +424,24 @@ def test_float_target_in_blocks_and_resume(tmp_path):
     assert same_state(state(again), state(model))
     with pytest.raises(ValueError, match="target='self'"):
         ptq.posttrain(tiny_llama(), TASKS, calib(), forward=fwd, target="self")
+
+
+def test_a_corrupt_checkpoint_is_refused_naming_the_file(tmp_path):
+    model = tiny_llama()
+    with pytest.raises(KeyboardInterrupt):
+        ptq.posttrain(model, TASKS, calib(), blocks=list(model.model.layers), forward=fwd,
+                      solver=Interrupt(ptq.LCSolver(steps=2), at=9), checkpoint=tmp_path / "ck")
+    blk = tmp_path / "ck" / "block_0000.pt"
+    state = torch.load(blk, weights_only=True)
+    name = next(iter(state))
+    state[name]["theta"]["codes"] = state[name]["theta"]["codes"][:10]
+    torch.save(state, blk)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ptq.CheckpointMismatchError, match="block_0000.pt"):
+        ptq.posttrain(model, TASKS, calib(), blocks=list(model.model.layers), forward=fwd,
+                      solver=ptq.LCSolver(steps=2), checkpoint=tmp_path / "ck")
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    blk.write_bytes(b"not a torch file")
+    with pytest.raises(ptq.CheckpointMismatchError, match="cannot be read"):
+        ptq.posttrain(model, TASKS, calib(), blocks=list(model.model.layers), forward=fwd,
+                      solver=ptq.LCSolver(steps=2), checkpoint=tmp_path / "ck")

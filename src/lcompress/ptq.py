@@ -594,7 +594,7 @@ def posttrain(
               "damp": float(damp), "tasks": [[t.name, t.compression.config()] for t in task_list],
               "blocks": [n for n, _ in block_list], "calibration": _calib_digest(batches), "target": target}
     ckpt = _Checkpoint(checkpoint, config) if checkpoint is not None else None
-    done_blocks = ckpt.load(task_list) if ckpt else 0
+    done_blocks = ckpt.load(task_list, block_of) if ckpt else 0
     layers_log: list[dict[str, Any]] = ckpt.layers if ckpt else []
 
     originals: dict[str, Tensor] = {}
@@ -630,7 +630,7 @@ def posttrain(
                     if ref is not None and bi + 1 < len(block_list):
                         ref = new_ref if new_ref is not None else [_with_hidden(a, k, _out(run(a, k))) for a, k in ref]
                     if ckpt:
-                        ckpt.save(bi + 1, task_list, layers_log)
+                        ckpt.save(bi + 1, btasks, layers_log)
                     msg = f"block {bi + 1}/{len(block_list)} {bname or '(model)'}: {len(btasks)} tasks in " \
                           f"{time.perf_counter() - t0:.1f} s"
                     if bar is None and progress:
@@ -841,7 +841,8 @@ def _restore(originals, owner, task_list) -> None:
 
 
 class _Checkpoint:
-    """``DIR/posttrain.pt``: the finished blocks' Θ, their layer records and the run's configuration."""
+    """``DIR/posttrain.pt`` (the run's configuration, the finished blocks' count and layer records) and
+    ``DIR/block_NNNN.pt`` (Θ of one finished block's tasks): each block is written once, when it finishes."""
 
     def __init__(self, directory, config: dict[str, Any]) -> None:
         self.dir = Path(directory)
@@ -852,13 +853,16 @@ class _Checkpoint:
         self.config = config
         self.layers: list[dict[str, Any]] = []
 
-    def load(self, task_list: list[Task]) -> int:
+    def _read(self, path: Path) -> Any:
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise CheckpointMismatchError(f"checkpoint {str(path)!r} cannot be read ({type(e).__name__}: {e})") from None
+
+    def load(self, task_list: list[Task], block_of: dict[str, int]) -> int:
         if not self.path.exists():
             return 0
-        try:
-            state = torch.load(self.path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise ValueError(f"checkpoint {str(self.path)!r} cannot be read ({type(e).__name__}: {e})") from None
+        state = self._read(self.path)
         if not isinstance(state, dict) or state.get("format") != CKPT_FORMAT or state.get("version") != CKPT_VERSION:
             raise CheckpointMismatchError(f"{str(self.path)!r} is not a post-training checkpoint of this version")
         saved = state.get("config", {})
@@ -870,16 +874,27 @@ class _Checkpoint:
         done = state.get("done_blocks")
         if isinstance(done, bool) or not isinstance(done, int) or not 0 <= done <= len(self.config["blocks"]):
             raise CheckpointMismatchError(f"checkpoint {str(self.path)!r}: done_blocks={done!r} is not valid")
-        thetas = state.get("tasks", {})
-        for t in task_list:
-            if t.name in thetas:
-                t.compression.load_state_dict(thetas[t.name])
-                t.compression.to(t.params[0].device)
+        for bi in range(done):
+            path = self.dir / f"block_{bi:04d}.pt"
+            thetas = self._read(path)
+            for t in task_list:
+                if block_of[t.name] != bi:
+                    continue
+                try:
+                    t.compression.load_state_dict(thetas[t.name])
+                    t.compression.to(t.params[0].device)
+                    shapes = [tuple(d.shape) for d in t.scatter(t.compression.decompress())]
+                except Exception as e:
+                    raise CheckpointMismatchError(f"checkpoint {str(path)!r}: task {t.name!r} does not load "
+                                                  f"({type(e).__name__}: {e})") from None
+                if shapes != [tuple(p.shape) for p in t.params]:
+                    raise CheckpointMismatchError(f"checkpoint {str(path)!r}: task {t.name!r} has shapes {shapes}")
         self.layers = list(state.get("layers", []))
         logger.info("resuming from %s: %d of %d blocks done", self.path, done, len(self.config["blocks"]))
         return done
 
-    def save(self, done: int, task_list: list[Task], layers: list[dict[str, Any]]) -> None:
-        thetas = {t.name: t.compression.state_dict() for t in task_list if t.compression.is_compressed}
+    def save(self, done: int, btasks: list[Task], layers: list[dict[str, Any]]) -> None:
+        """Block ``done − 1`` has finished: its Θ, then the index that counts it."""
+        atomic_save({t.name: t.compression.state_dict() for t in btasks}, self.dir / f"block_{done - 1:04d}.pt")
         atomic_save({"format": CKPT_FORMAT, "version": CKPT_VERSION, "config": self.config, "done_blocks": done,
-                     "tasks": thetas, "layers": layers}, self.path)
+                     "layers": layers}, self.path)

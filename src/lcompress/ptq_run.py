@@ -222,8 +222,9 @@ def run_ptq(model_path: str | Path, calib: str | Path, out: str | Path, *, schem
     out.mkdir(parents=True, exist_ok=True)
     with DirectoryLock(out, "run directory"):
         remove_stale_temporaries(out, ("model.lcz", "results.json"))
-        if (out / "ckpt").is_dir():
-            remove_stale_temporaries(out / "ckpt", ("posttrain.pt",))
+        if (out / "ckpt").is_dir():  # ours alone, and locked: any temporary there is a killed write's
+            for tmp in (out / "ckpt").glob("*.tmp"):
+                tmp.unlink(missing_ok=True)
         if on_ready is not None:
             on_ready()
         if overwrite:
