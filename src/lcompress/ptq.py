@@ -609,8 +609,10 @@ def posttrain(
             bar = _progress(len(block_list), "posttrain", progress)
             if bar is not None:
                 bar.update(done_blocks)
+            t_loop = time.perf_counter()
             for bi, (bname, block) in enumerate(block_list):
                 btasks = [t for t in task_list if block_of[t.name] == bi]
+                t_block = time.perf_counter()
                 run = (lambda a, k: forward(model, a[0])) if block is model else (lambda a, k: block(*a, **k))
                 if bi < done_blocks:  # resumed: Θ is loaded; only the next block's inputs are needed
                     if ref is not None and bi + 1 < len(block_list):
@@ -631,12 +633,7 @@ def posttrain(
                         ref = new_ref if new_ref is not None else [_with_hidden(a, k, _out(run(a, k))) for a, k in ref]
                     if ckpt:
                         ckpt.save(bi + 1, btasks, layers_log)
-                    msg = f"block {bi + 1}/{len(block_list)} {bname or '(model)'}: {len(btasks)} tasks in " \
-                          f"{time.perf_counter() - t0:.1f} s"
-                    if bar is None and progress:
-                        logger.info(msg)
-                    else:
-                        logger.debug(msg)
+                    solve_s = time.perf_counter() - t0
                 if bi + 1 < len(block_list):
                     for j, (a, k) in enumerate(inputs):
                         y = _out(run(a, k))
@@ -644,6 +641,16 @@ def posttrain(
                             raise FloatingPointError(f"block {bname!r} gave NaN or Inf activations on calibration "
                                                      f"batch {j}")
                         inputs[j] = _with_hidden(a, k, y)
+                if bi >= done_blocks:
+                    now = time.perf_counter()
+                    left = (now - t_loop) / (bi + 1 - done_blocks) * (len(block_list) - bi - 1)
+                    msg = (f"block {bi + 1}/{len(block_list)} {bname or '(model)'}: {len(btasks)} tasks solved in "
+                           f"{solve_s:.1f} s, block {now - t_block:.1f} s" + (f"; about {left / 60:.0f} min left"
+                                                                             if bi + 1 < len(block_list) else ""))
+                    if bar is None and progress:
+                        logger.info(msg)
+                    else:
+                        logger.debug(msg)
                 if block is not model:
                     # later blocks run on the stored inputs: this block's originals go back now, and only one
                     # block's originals are ever held (Δ(Θ) is written into the model when the run has succeeded)
