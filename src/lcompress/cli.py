@@ -410,11 +410,16 @@ def cmd_export(args) -> int:
         from .config import ConfigError
 
         raise ConfigError(f"{str(run)!r} is not a finished run directory: config.json is missing")
-    if not ptq_run and fmt != "lcz":
+    if not ptq_run and fmt == "gguf":
         from .config import ConfigError
 
         raise ConfigError(f"--format {fmt}: {str(run)!r} is not an lcompress ptq run (model.lcz and results.json); "
                           "GGUF export writes the Llama models that lcompress ptq compresses")
+    if ptq_run and fmt == "onnx":
+        from .config import ConfigError
+
+        raise ConfigError(f"--format onnx: {str(run)!r} is an lcompress ptq run; lcompress export writes ONNX for "
+                          "compress runs (in Python: lcompress.formats.onnx.export_onnx(RUN/model.lcz, ...))")
     # the run's files must not change under the export (a compress --resume there): one process per run directory
     lock = DirectoryLock(run, "run directory")
     try:
@@ -511,12 +516,53 @@ def _export_run(args, run: Path) -> int:
         alg.load_state_dict(state)
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
         raise ConfigError(f"{run / 'lc_state.pt'}: not the LC state of this run's config ({_one_line(e)})") from None
+    if getattr(args, "format", "lcz") == "onnx":
+        return _export_onnx(args, run, cfg, alg)
     out = Path(args.out) if args.out else run / "model.lcz"
     alg.export(out)
     rep = alg.size_report()
     print(f"wrote {out}: {out.stat().st_size} bytes (size report {rep['compressed_bits'] / 8:.0f} bytes, "
           f"ratio {rep['ratio']:.2f} for the whole model, {rep['scopes']['compressed']['ratio']:.2f} for the "
           "compressed parameters alone)")
+    return 0
+
+
+def _export_onnx(args, run: Path, cfg, alg) -> int:
+    """``lcompress export RUN --format onnx``: the run's compact model as an ONNX file (lcompress.formats.onnx),
+    traced on two inputs of ``--input-shape`` (default: the shape of the run's data) with a dynamic batch."""
+    import torch
+
+    from .config import ConfigError
+    from .formats.onnx import ONNXExportError, export_onnx
+
+    if not args.out:
+        raise ConfigError("--format onnx needs --out FILE.onnx")
+    if args.input_shape:
+        try:
+            shape = tuple(int(v) for v in args.input_shape.split(","))
+        except ValueError:
+            shape = ()
+        if not shape or min(shape) < 1:
+            raise ConfigError(f"--input-shape {args.input_shape!r} must be positive integers separated by commas "
+                              "(one example's shape, without the batch: 1,28,28)")
+    else:
+        from .experiment import load_data
+
+        try:
+            shape = tuple(load_data(cfg, trust_code=args.trust_code).x_test.shape[1:])
+        except ConfigError as e:
+            raise ConfigError(f"--format onnx: the run's data gives the input shape, and {_one_line(e)}; or pass "
+                              "--input-shape") from None
+    dtype = next((p.dtype for p in alg.model.parameters() if p.is_floating_point()), torch.float32)
+    example = torch.zeros((2, *shape), dtype=dtype)
+    try:
+        s = export_onnx(alg, args.out, (example,), dynamic_shapes=({0: "batch"},), allow_float=args.allow_float)
+    except ONNXExportError as e:
+        raise ConfigError(_one_line(e)) from None
+    rep = alg.size_report()
+    print(f"wrote {s['path']}: {s['file_bytes']} bytes ({len(s['matmul_nbits'])} MatMulNBits layers, "
+          f"{len(s['compact'])} other compact layers, {len(s['float'])} compressed weights as float; size report "
+          f"{rep['compressed_bits'] / 8:.0f} bytes)")
     return 0
 
 
@@ -746,11 +792,15 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("export", help="write the compact .lcz file of a finished run (or a ptq run as GGUF)")
     e.add_argument("run_dir")
     e.add_argument("--out")
-    e.add_argument("--format", default="lcz", choices=["lcz", "gguf"],
-                   help="lcz (default) or gguf: a ptq run of a Llama model as a GGUF file for llama.cpp")
+    e.add_argument("--format", default="lcz", choices=["lcz", "gguf", "onnx"],
+                   help="lcz (default); gguf: a ptq run of a Llama model as a GGUF file for llama.cpp; onnx: a "
+                        "compress run for ONNX Runtime (grouped integers as MatMulNBits)")
+    e.add_argument("--input-shape", help="onnx: one input's shape without the batch, e.g. 1,28,28 (default: the "
+                   "run's data)")
     e.add_argument("--source", help="gguf: the model that was compressed (default: results.json's)")
     e.add_argument("--allow-float", action="store_true",
-                   help="gguf: write a weight whose compression has no GGUF block type as float (else refused)")
+                   help="gguf/onnx: write a weight whose compression has no GGUF block type (ONNX form) as float "
+                        "(else refused)")
     trust(e)
     common(e)
     e.set_defaults(func=cmd_export)
