@@ -6,7 +6,6 @@ the identity) with Δ(Θ) bit for bit. The packing is checked against a bit stre
 """
 import os
 import re
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -44,17 +44,16 @@ message) are not supported.
 """
 import copy
 import logging
-import math
 import os
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = ["export_onnx", "ONNXExportError", "MatMulNBitsLinear", "matmul_nbits_form", "pack_nbits", "unpack_nbits",
-           "ORT_BITS", "INSTALL_HINT"]
+           "dequantize_nbits", "ORT_BITS", "INSTALL_HINT"]
 
 logger = logging.getLogger(__name__)
 
