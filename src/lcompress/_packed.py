@@ -98,12 +98,21 @@ def _lut(w: int, device: torch.device) -> Tensor:
     and device, in numpy, so that a traced or exported graph holds it as a constant)."""
     key = (w, device)
     t = _LUTS.get(key)
-    if t is None:
+    if t is None or _is_fake(t):
         c = _chunk(w)
         b = np.arange(1 << (c * w), dtype=np.int64)
         t = torch.from_numpy(np.stack([(b >> (w * j)) & ((1 << w) - 1) for j in range(c)], axis=1)).to(device)
-        _LUTS[key] = t
+        if not _is_fake(t):  # a table built while torch.export traces is a fake tensor: never cache one
+            _LUTS[key] = t
     return t
+
+
+def _is_fake(t: Tensor) -> bool:
+    try:
+        from torch._subclasses.fake_tensor import FakeTensor
+    except ImportError:  # pragma: no cover - older torch
+        return False
+    return isinstance(t, FakeTensor)
 
 
 def _tracing() -> bool:
