@@ -33,6 +33,7 @@ from .sizes import index_bits
 
 __all__ = [
     "SPARSE_CROSSOVER_DENSITY",
+    "SPARSE_BAG_MIN_ROWS",
     "LowRankLinear",
     "LowRankConv2d",
     "SparseLinear",
@@ -40,6 +41,11 @@ __all__ = [
     "CodebookConv2d",
     "CodebookEmbedding",
     "CODEBOOK_TILE_WEIGHTS",
+    "GroupedIntLinear",
+    "GROUPED_TILE_WEIGHTS",
+    "CACHE_MODES",
+    "set_cache",
+    "resident_bytes",
     "task_specs",
     "compact_model",
     "describe_compact",
@@ -57,6 +63,11 @@ logger = logging.getLogger(__name__)
 #: cases, and where the time matters (large layers) sparse is faster at 0.1 in every case measured. Memory
 #: pays off sooner: 8 bytes per nonzero against 4 per dense weight wins below density 0.5.
 SPARSE_CROSSOVER_DENSITY = 0.1
+
+#: Input rows from which :class:`SparseLinear` multiplies on the CPU by weighted embedding bags (gathering whole
+#: rows of Xᵀ) instead of the CSR × dense product; one row takes the CSR matrix-vector product. Measured with
+#: ``bench/bench_compact_speed.py`` (``sparse_paths``, see ``bench/RESULTS.md``).
+SPARSE_BAG_MIN_ROWS = 4
 
 _HALF = (torch.float16, torch.bfloat16)
 
@@ -308,6 +319,18 @@ class SparseLinear(nn.Module):
                                         check_invariants=False)
             bias = None if bias is None else bias.float()
             xt = torch.empty((self.in_features, x2.shape[0]), dtype=torch.float32).copy_(x2.t())  # one pass
+        elif x.device.type == "cpu" and x2.shape[0] == 1 and x2.dtype == w.dtype:
+            # one input row: the CSR matrix-vector product (MKL's), 2-4x faster than the CSR × dense product
+            y = torch.mv(w, x2[0])
+            y = (y if bias is None else y + bias).reshape(*lead, self.out_features)
+            return y
+        elif x.device.type == "cpu" and x2.shape[0] >= SPARSE_BAG_MIN_ROWS and x2.dtype == w.dtype:
+            # many rows: y[:, r] = Σ values · Xᵀ[cols] as one weighted embedding bag per output row (rows of Xᵀ
+            # gathered whole: 2-3x faster than the CSR × dense product at 64 rows)
+            y = F.embedding_bag(self.col_indices, x2.t().contiguous(), self.crow_indices, mode="sum",
+                                per_sample_weights=self.values, include_last_offset=True).t()
+            y = (y if bias is None else y + bias).reshape(*lead, self.out_features)
+            return y
         else:
             xt = x2.t().contiguous()
         # W @ Xᵀ with a contiguous right-hand side is the fastest CSR × dense product on CPU; addmm adds the bias
@@ -327,6 +350,102 @@ class SparseLinear(nn.Module):
 #: decoding the whole weight per call, and faster than tiles of 2¹⁶ or 2¹⁸ weights in every case
 #: (``bench/RESULTS.md``).
 CODEBOOK_TILE_WEIGHTS = 1 << 20
+
+
+#: What a decoding layer may keep between calls (:func:`set_cache`): ``"none"`` (the default: only the compact form
+#: is resident and every call decodes), ``"weight"`` (the decoded weight, at the layer's dtype: dense speed, and the
+#: dense weight's bytes on top of the compact form's) and, for :class:`GroupedIntLinear` only, ``"codes"`` (the
+#: codes unpacked to one byte each: a call converts and scales them, skipping the bit unpacking).
+CACHE_MODES = ("none", "codes", "weight")
+
+
+def _init_cache(m: nn.Module) -> None:
+    m.cache = "none"
+    # a non-persistent buffer: moved by .to(), never saved, and counted by resident_bytes() like every buffer
+    m.register_buffer("cached", None, persistent=False)
+
+
+def _set_cache_method(self, mode: str = "weight"):
+    """Keep what ``forward`` decodes between calls (``"weight"``, or ``"codes"`` for :class:`GroupedIntLinear`),
+    or nothing (``"none"``, the default). The cache is a non-persistent buffer named ``cached``: it follows
+    ``.to()``, is not written by ``state_dict()``, is rebuilt by ``load_state_dict()``, and is counted by
+    :func:`resident_bytes`.
+
+    Returns:
+        the module.
+
+    Raises:
+        ValueError: a mode the layer does not have.
+    """
+    modes = getattr(self, "_cache_modes", ("none", "weight"))
+    if mode not in modes:
+        raise ValueError(f"cache={mode!r} must be one of {modes} for {type(self).__name__}")
+    self.cache = mode
+    self.cached = None
+    if mode != "none":
+        with torch.no_grad():
+            self.cached = self._make_cache(mode)
+    return self
+
+
+def _refresh_cache(m: nn.Module) -> None:
+    if getattr(m, "cache", "none") != "none":
+        with torch.no_grad():
+            m.cached = m._make_cache(m.cache)
+
+
+def _tile_buffer(x: Tensor, numel: int, like: Tensor) -> Tensor | None:
+    """One buffer for the decoded tiles of a call (a fresh multi-MB tensor per tile costs its page faults), or None
+    where autograd may save a tile for the backward pass (each tile then gets its own tensor)."""
+    if torch.is_grad_enabled() and (x.requires_grad or like.requires_grad):
+        return None
+    return torch.empty(numel, dtype=like.dtype, device=like.device)
+
+
+def set_cache(model: nn.Module, mode: str = "weight") -> dict[str, str]:
+    """Switch the decode cache of every compact layer of ``model`` that has ``mode`` (see :data:`CACHE_MODES`).
+
+    ``"weight"`` trades memory for speed: each decoding layer (codebook, grouped-int) keeps its decoded weight and
+    runs as fast as a dense layer, holding the dense weight's bytes besides its compact form (see
+    :func:`resident_bytes`). ``"none"`` drops every cache.
+
+    Returns:
+        ``{module name: mode}`` for every layer switched.
+
+    Raises:
+        ValueError: ``mode`` is not one of :data:`CACHE_MODES`.
+    """
+    if mode not in CACHE_MODES:
+        raise ValueError(f"mode={mode!r} must be one of {CACHE_MODES}")
+    done = {}
+    for name, mod in model.named_modules():
+        if mode in getattr(mod, "_cache_modes", ("none", "weight") if hasattr(mod, "_make_cache") else ()):
+            mod.set_cache(mode)
+            done[name] = mode
+    return done
+
+
+def resident_bytes(module: nn.Module, by_tensor: bool = False) -> int | dict[str, int]:
+    """Bytes of the tensors a module holds: its parameters and buffers (decode caches included), each storage
+    counted once (a codebook shared by several layers, tied weights).
+
+    Args:
+        module: any module (a compact layer, a whole model).
+        by_tensor: return ``{tensor name: bytes}`` (a storage under its first name) instead of the total.
+    """
+    if not by_tensor:
+        return _packed.resident_bytes(module)
+    seen: set[tuple[int, torch.device]] = set()
+    out: dict[str, int] = {}
+    named = list(module.named_parameters(remove_duplicate=False)) + list(module.named_buffers(remove_duplicate=False))
+    for name, t in named:
+        st = t.untyped_storage()
+        key = (st.data_ptr(), t.device)
+        if key in seen:
+            continue
+        seen.add(key)
+        out[name] = st.nbytes()
+    return out
 
 
 def _check_codes(codes: Tensor, k: int, p: Tensor, what: str) -> None:
@@ -351,6 +470,12 @@ class _PackedCodes(nn.Module):
         dtype = torch.uint8 if index_bits(self.k) <= 8 else _packed._unpacked_dtype(self.k)
         self.register_buffer("packed_codes", torch.zeros(_packed.packed_bytes(n, self.k), dtype=dtype))
         self.register_buffer("codebook", torch.zeros(self.k))
+        _init_cache(self)
+
+    set_cache = _set_cache_method
+
+    def _make_cache(self, mode: str) -> Tensor:
+        return self.decoded_weight()
 
     def _fill(self, codebook: Tensor, codes: Tensor, p: Tensor, what: str) -> None:
         if codebook.numel() != self.k:
@@ -390,6 +515,7 @@ class _PackedCodes(nn.Module):
             n = pc.numel() * 8 // w if w <= 8 else pc.numel()
             if n and int(_packed.unpack_codes(pc, n, self.k).max()) >= self.k:
                 error_msgs.append(f"{key}: holds a code >= k={self.k}")
+        _refresh_cache(self)
 
 
 class CodebookLinear(_PackedCodes):
@@ -441,18 +567,278 @@ class CodebookLinear(_PackedCodes):
         return m
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.cached is not None:
+            return F.linear(x, self.cached, self.bias)
         o, i = self.out_features, self.in_features
         dec = _packed.Decoder(self.packed_codes, self.codebook, self.k)
         rows = o if self.tile_weights is None else _packed.tile_rows(i, self.tile_weights)
         if rows >= o:
             return F.linear(x, dec.values(0, o * i).view(o, i), self.bias)
         b = self.bias
-        ys = [F.linear(x, dec.values(r * i, min(rows, o - r) * i).view(-1, i), None if b is None else b[r : r + rows])
-              for r in range(0, o, rows)]
+        buf = _tile_buffer(x, rows * i, self.codebook)
+        ys = []
+        for r in range(0, o, rows):
+            n = min(rows, o - r)
+            w = dec.values(r * i, n * i, out=None if buf is None else buf[: n * i]).view(n, i)
+            ys.append(F.linear(x, w, None if b is None else b[r : r + n]))
         return torch.cat(ys, dim=-1)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, k={self.k}"
+
+
+#: Weights decoded at a time by :class:`GroupedIntLinear` (a tile of rows, decoded and multiplied while it is in
+#: cache). Measured with ``bench/bench_compact_speed.py`` (see ``bench/RESULTS.md``).
+GROUPED_TILE_WEIGHTS = 1 << 18
+
+#: The top bit of every field of a byte of b-bit codes (b = 2, 4, 8): XOR-ing it turns the stored unsigned code
+#: u = q + 2^(b−1) into q's two's complement, so an arithmetic shift yields q itself.
+_SIGN_BITS = {2: 0xAA, 4: 0x88, 8: 0x80}
+
+
+def _unpack_fields(seg: Tensor, bits: int, signed: bool, out: Tensor) -> None:
+    """Field t of every byte of ``seg`` (n, L) into ``out[:, t, :]`` (n, 8/bits, L), converted to out's dtype:
+    q = u − 2^(b−1) when ``signed``, else u. Whole-row slices, so every copy is contiguous (the columns come out
+    permuted: column 8/b·j + t of the row lands at t·L + j)."""
+    per = 8 // bits
+    src = torch.bitwise_xor(seg, _SIGN_BITS[bits]) if signed else seg
+    mask = (1 << bits) - 1
+    for t in range(per):  # a loop over the ≤ 4 fields of a byte, not over codes
+        lo = bits * t
+        if signed:
+            top = src if t == per - 1 else torch.bitwise_left_shift(src, 8 - lo - bits)  # field t to the top bits
+            f = top.view(torch.int8)
+            if bits < 8:
+                f = torch.bitwise_right_shift(f, 8 - bits)  # arithmetic: sign-extends
+        else:
+            f = src if bits == 8 else (torch.bitwise_right_shift(src, lo) if t else src)
+            if t < per - 1:
+                f = torch.bitwise_and(f, mask)
+        out[:, t, :].copy_(f)
+
+
+def _mul_groups(w3: Tensor, s: Tensor, q: int) -> None:
+    """w3 (n, P, L) *= the scale of each column's group, in place: along L the columns run in groups of q (the
+    last one shorter when q does not divide L), group j taking s[:, j] (s: (n, ⌈L / q⌉))."""
+    n, p, length = w3.shape
+    full = length // q
+    if full:
+        w3[:, :, : full * q].view(n, p, full, q).mul_(s[:, None, :full, None])
+    if full * q < length:
+        w3[:, :, full * q :].mul_(s[:, None, full : full + 1])
+
+
+def _group_sums(x2: Tensor, group: int) -> Tensor:
+    """(B, I) → (B, ⌈I / group⌉): the sum of x over each group of inputs (the last one shorter)."""
+    b, i = x2.shape
+    full = i // group
+    parts = [x2[:, : full * group].reshape(b, full, group).sum(-1)] if full else []
+    if full * group < i:
+        parts.append(x2[:, full * group :].sum(-1, keepdim=True))
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+
+class GroupedIntLinear(nn.Module):
+    """y = x Δᵀ + b for a Linear weight compressed by :class:`lcompress.GroupedIntQuantization`, keeping Θ in memory.
+
+    Each row is cut into groups of ``group`` inputs (the last one shorter when ``group`` does not divide the row);
+    group j of row r stores b-bit unsigned codes u and a scale s (and an offset m):
+
+    * symmetric: Δ = s·(u − 2^(b−1));
+    * asymmetric: Δ = s·u + m.
+
+    What is resident (buffers, counted by :func:`resident_bytes`):
+
+    * ``packed_codes``: the (out, in) codes row-major, bit-packed at b bits (:mod:`lcompress._packed`'s layout,
+      ⌈out·in / 8⌉·b bytes);
+    * ``scales`` (and ``mins``): (out, ⌈in / group⌉) at the stored dtype (float16 by default), as in Θ; they keep
+      that dtype when the module is moved to another dtype;
+    * ``bias`` at the layer's dtype; and ``cached`` when :meth:`set_cache` is on (``"codes"``: one int8 per weight;
+      ``"weight"``: the decoded weight at the layer's dtype). Nothing else outlives a call.
+
+    ``forward`` decodes the weight a tile of rows at a time into one reused buffer and multiplies each tile while
+    it is in cache (a BLAS product per tile, at every batch size). For 2-, 4- and 8-bit codes whose groups and rows
+    are whole bytes, a tile is decoded by shifts on the packed bytes (a field of every byte at once, straight to
+    the signed q for symmetric codes) with its columns permuted, and the input is permuted to match; other widths
+    decode through :class:`lcompress._packed.Decoder`'s table. An asymmetric layer adds the offsets as
+    (group sums of x) · mᵀ, a product of ⌈in / group⌉ columns.
+
+    Args:
+        in_features, out_features: the layer's sizes.
+        bits: the code width b, 2..8.
+        group: inputs per group, ≥ 1.
+        symmetric: Δ = s·(u − 2^(b−1)) (no offsets) or s·u + m.
+        bias: keep a bias.
+        scale_dtype: the dtype of the scales (and offsets).
+        tile_weights: weights decoded at a time (default :data:`GROUPED_TILE_WEIGHTS`); None decodes the whole
+            weight in each call.
+
+    Use :meth:`from_theta` to build one from a layer and its Θ.
+    """
+
+    _cache_modes = CACHE_MODES
+
+    def __init__(self, in_features: int, out_features: int, bits: int, group: int, symmetric: bool = True,
+                 bias: bool = True, scale_dtype: torch.dtype = torch.float16,
+                 tile_weights: int | None = GROUPED_TILE_WEIGHTS) -> None:
+        super().__init__()
+        if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 8:
+            raise ValueError(f"bits={bits!r} must be an integer in [2, 8]")
+        if isinstance(group, bool) or not isinstance(group, int) or group < 1:
+            raise ValueError(f"group={group!r} must be a positive integer")
+        if not isinstance(symmetric, bool):
+            raise TypeError(f"symmetric={symmetric!r} must be True or False")
+        if tile_weights is not None and (isinstance(tile_weights, bool) or not isinstance(tile_weights, int)
+                                         or tile_weights < 1):
+            raise ValueError(f"tile_weights={tile_weights!r} must be a positive integer or None")
+        if not (isinstance(scale_dtype, torch.dtype) and scale_dtype.is_floating_point):
+            raise ValueError(f"scale_dtype={scale_dtype!r} must be a floating-point torch.dtype")
+        self.in_features, self.out_features = int(in_features), int(out_features)
+        self.bits, self.group, self.symmetric, self.tile_weights = bits, group, symmetric, tile_weights
+        self.groups = -(-self.in_features // group)
+        self.dtype = torch.get_default_dtype()  # the layer's (decoded weight's) dtype; follows .to()
+        n = self.out_features * self.in_features
+        self.register_buffer("packed_codes", torch.zeros(_packed.packed_bytes(n, 1 << bits), dtype=torch.uint8))
+        self.register_buffer("scales", torch.zeros(self.out_features, self.groups, dtype=scale_dtype))
+        self.mins: Tensor | None
+        self.register_buffer("mins", None if symmetric else torch.zeros(self.out_features, self.groups,
+                                                                         dtype=scale_dtype))
+        self.bias = nn.Parameter(torch.zeros(self.out_features)) if bias else None
+        _init_cache(self)
+
+    @classmethod
+    def from_theta(cls, linear: nn.Linear, theta: Mapping[str, Tensor], bits: int, group: int, symmetric: bool = True,
+                   tile_weights: int | None = GROUPED_TILE_WEIGHTS) -> "GroupedIntLinear":
+        """The layer with ``linear``'s sizes, bias and dtype holding Θ = ``{"codes": (out·in,) unsigned in [0, 2^b),
+        "scales": (out, groups), "mins": (out, groups) (asymmetric only)}`` (``GroupedIntQuantization``'s Θ).
+
+        Raises:
+            ValueError: Θ's shapes do not fit the layer and group, codes out of range, offsets missing or extra.
+        """
+        o, i = linear.out_features, linear.in_features
+        codes, scales, mins = theta["codes"], theta["scales"], theta.get("mins")
+        ng = -(-i // group) if isinstance(group, int) and group >= 1 else None
+        if codes.numel() != o * i:
+            raise ValueError(f"GroupedIntLinear: {codes.numel()} codes for a weight of shape ({o}, {i})")
+        if codes.is_floating_point() or codes.is_complex():
+            raise TypeError(f"GroupedIntLinear: codes must be an integer tensor, got dtype={codes.dtype}")
+        if tuple(scales.shape) != (o, ng):
+            raise ValueError(f"GroupedIntLinear: scales of shape {tuple(scales.shape)}; a ({o}, {i}) weight in "
+                             f"groups of {group} needs ({o}, {ng})")
+        if symmetric != (mins is None) or (mins is not None and tuple(mins.shape) != (o, ng)):
+            raise ValueError(f"GroupedIntLinear: symmetric={symmetric} " + (
+                "takes no mins" if symmetric else f"needs mins of shape ({o}, {ng})"))
+        p = linear.weight
+        m = cls(i, o, bits, group, symmetric, bias=linear.bias is not None, scale_dtype=scales.dtype,
+                tile_weights=tile_weights)
+        m.to(p.device, p.dtype)
+        m.packed_codes = _packed.pack_codes(codes.detach().reshape(-1).to(p.device), 1 << bits)
+        m.scales = scales.detach().to(p.device).clone()
+        if mins is not None:
+            m.mins = mins.detach().to(p.device, scales.dtype).clone()
+        if linear.bias is not None:
+            with torch.no_grad():
+                m.bias.copy_(linear.bias)
+        return m
+
+    # -- dtype: the layer's dtype follows .to()/.half(); the scales keep Θ's --------------------------------------
+    def _apply(self, fn, recurse=True):
+        keep = {k: self._buffers.pop(k) for k in ("scales", "mins")}
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            dev = self.packed_codes.device
+            for k, t in keep.items():
+                self._buffers[k] = None if t is None else t.to(dev)
+        self.dtype = fn(torch.empty(0, dtype=self.dtype)).dtype
+        return self
+
+    @property
+    def codes(self) -> Tensor:
+        """The (out, in) unsigned codes, unpacked (a new uint8 tensor)."""
+        n = self.out_features * self.in_features
+        return _packed.unpack_codes(self.packed_codes, n, 1 << self.bits).view(self.out_features, self.in_features)
+
+    def decoded_weight(self) -> Tensor:
+        """Δ(Θ) (out, in) at the layer's dtype (a new tensor), computed as the codec's Δ is: in float32, the
+        scales expanded over their groups."""
+        i = self.in_features
+        u = self.codes.float()
+
+        def ex(t):
+            return t.float().repeat_interleave(self.group, dim=1)[:, :i]
+
+        w = ex(self.scales) * (u - (1 << (self.bits - 1))) if self.symmetric else ex(self.scales) * u + ex(self.mins)
+        return w.to(self.dtype)
+
+    def _fields(self) -> int:
+        """Codes per byte when a tile decodes by shifts (the rows and the groups are whole bytes), else 0."""
+        per = 8 // self.bits if self.bits in (2, 4, 8) else 0
+        return per if per and self.in_features % per == 0 and self.group % per == 0 else 0
+
+    set_cache = _set_cache_method
+
+    def _make_cache(self, mode: str) -> Tensor:
+        if mode == "weight":
+            return self.decoded_weight()
+        o, i, per = self.out_features, self.in_features, self._fields()
+        dt = torch.int8 if self.symmetric else torch.uint8
+        if per:  # the layout the forward's tiles have: columns permuted as _unpack_fields writes them
+            out = torch.empty(o, per, i // per, dtype=dt, device=self.packed_codes.device)
+            _unpack_fields(self.packed_codes[: o * (i // per)].view(o, i // per), self.bits, self.symmetric, out)
+            return out.view(o, i)
+        u = self.codes
+        return (u.to(torch.int16) - (1 << (self.bits - 1))).to(dt) if self.symmetric else u
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        _refresh_cache(self)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.cache == "weight" and self.cached is not None:
+            return F.linear(x, self.cached, self.bias)
+        o, i, per, dt = self.out_features, self.in_features, self._fields(), self.dtype
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, i)
+        s = self.scales.to(dt)
+        codes = self.cached if self.cache == "codes" else None
+        if per:
+            length = i // per
+            xk = x2.reshape(-1, length, per).transpose(1, 2).reshape(-1, i)  # the tiles' column order
+            rows = o if self.tile_weights is None else max(1, self.tile_weights // max(i, 1))
+            packed = self.packed_codes[: o * length].view(o, length)
+            dec = None
+        else:
+            xk, length, per = x2, i, 1
+            rows = o if self.tile_weights is None else _packed.tile_rows(i, self.tile_weights)
+            table = torch.arange(1 << self.bits, dtype=dt, device=s.device)
+            dec = _packed.Decoder(self.packed_codes, table - (1 << (self.bits - 1)) if self.symmetric else table,
+                                  1 << self.bits)
+        rows = min(rows, o)
+        buf = _tile_buffer(x, rows * i, s)
+        b = self.bias
+        ys = []
+        for r in range(0, o, rows):
+            n = min(rows, o - r)
+            w = (torch.empty(n * i, dtype=dt, device=s.device) if buf is None else buf[: n * i]).view(n, per, length)
+            if codes is not None:
+                w.view(n, i).copy_(codes[r : r + n])
+            elif dec is None:
+                _unpack_fields(packed[r : r + n], self.bits, self.symmetric, w)
+            else:
+                dec.values(r * i, n * i, out=w)
+            _mul_groups(w, s[r : r + n], self.group // per)
+            ys.append(F.linear(xk, w.view(n, i), None if b is None else b[r : r + n]))
+        y = ys[0] if len(ys) == 1 else torch.cat(ys, dim=-1)
+        if not self.symmetric:
+            y = torch.addmm(y, _group_sums(x2, self.group), self.mins.to(dt).t())
+        return y.reshape(*lead, o)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
+                f"group={self.group}, symmetric={self.symmetric}, scale_dtype={self.scales.dtype}, cache={self.cache!r}")
 
 
 def _conv_padding(padding, kernel_size, dilation) -> list[int]:
@@ -521,7 +907,7 @@ class CodebookConv2d(_PackedCodes):
         return m
 
     def forward(self, x: Tensor) -> Tensor:
-        w = self.decoded_weight()
+        w = self.cached if self.cached is not None else self.decoded_weight()
         if self.padding_mode != "zeros":
             x = F.pad(x, _conv_padding(self.padding, self.kernel_size, self.dilation), mode=self.padding_mode)
             return F.conv2d(x, w, self.bias, self.stride, 0, self.dilation, self.groups)
@@ -591,6 +977,8 @@ class CodebookEmbedding(_PackedCodes):
         return torch.gather(self.codebook, 1, self._row_codes(None).long())
 
     def forward(self, ids: Tensor) -> Tensor:
+        if self.cached is not None:
+            return F.embedding(ids, self.cached)
         flat = ids.reshape(-1)
         out = torch.gather(self.codebook[flat], 1, self._row_codes(flat).long())
         return out.reshape(*ids.shape, self.embedding_dim)
@@ -628,7 +1016,9 @@ def task_specs(
     """
     from .codecs import codec_for
 
-    return codec_for(compression).compact_specs(compression.theta, None, list(param_names), shapes, conv_scheme)
+    # the compression's config stands in for a file's record (both name bits, group, ... where a codec needs them)
+    return codec_for(compression).compact_specs(compression.theta, compression.config(), list(param_names), shapes,
+                                                conv_scheme)
 
 
 def compact_model(
@@ -646,7 +1036,9 @@ def compact_model(
       :class:`CodebookEmbedding`;
     * low-rank → :class:`LowRankLinear` / :class:`LowRankConv2d` (when the factors are smaller than the weight
       and, for a conv, ``groups == 1``);
-    * sparse → :class:`SparseLinear` when the density is below ``sparse_density``.
+    * sparse → :class:`SparseLinear` when the density is below ``sparse_density``;
+    * grouped integers (``{"kind": "groupedint", "codes", "scales", "mins"?, "bits", "group", "symmetric"}``) of
+      an ``nn.Linear`` → :class:`GroupedIntLinear`.
 
     Any other layer keeps its dense weight (load Δ(Θ) into the model first, as :func:`lcompress.load` does).
     Biases are copied from the layers. A module that appears at several places is replaced at each.
@@ -723,6 +1115,11 @@ def _compact_choice(
             return None, f"max_norm={max_norm} renormalizes the table in place"
         return CodebookEmbedding, f"a {int(spec['codebook'].shape[-1])}-entry codebook per row"
     linear = owner is nn.Linear
+    if kind == "groupedint":
+        form = f"{spec['bits']}-bit codes in groups of {spec['group']}" + ("" if spec["symmetric"] else ", with offsets")
+        if not linear:
+            return None, f"{form}; a grouped-int compact layer exists only for nn.Linear"
+        return GroupedIntLinear, form
     if kind == "codebook":
         k = int(spec["codebook"].numel())
         return (CodebookLinear if linear else CodebookConv2d), f"{k}-entry codebook, {index_bits(k)}-bit codes"
@@ -786,6 +1183,8 @@ def _compact_layer(mod: nn.Module, spec: Mapping[str, Any], sparse_density: floa
         return None
     if cls is CodebookEmbedding:
         return CodebookEmbedding.from_codes(mod, spec["codebook"], spec["codes"])
+    if cls is GroupedIntLinear:
+        return GroupedIntLinear.from_theta(mod, spec, spec["bits"], spec["group"], spec["symmetric"])
     if cls in (CodebookLinear, CodebookConv2d):
         return cls.from_codes(mod, spec["codebook"], spec["codes"])
     if cls is LowRankLinear:
