@@ -535,7 +535,7 @@ def test_a_failed_compact_load_leaves_the_model_untouched(fuzz_base, monkeypatch
     monkeypatch.setattr(lnn, "_compact_layer", real)
     lc.load(data, model, compact=True)  # and the good file loads, biases included
     got = export.read(data)["state"]
-    assert type(model.fc1) is nn.Linear  # a sum stays a dense layer
+    assert isinstance(model.fc1, lnn.SumLinear)  # a sum of a codebook and a sparse part: each part's layer
     assert isinstance(model.conv, lnn.LowRankConv2d) and torch.equal(model.conv.second.bias, got["conv.bias"])
     assert torch.equal(model.fc1.bias, got["fc1.bias"]) and model.again is model.fc2
 

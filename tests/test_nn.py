@@ -191,16 +191,27 @@ def test_compact_model_every_kind_matches_compressed_outputs():
     assert _close(net(x), ref)
 
 
-def test_compact_model_keeps_additive_and_dense_enough_layers_dense():
+def test_compact_model_keeps_dense_enough_layers_and_sums_of_them_dense():
     net = Net().eval()
     alg = lc.LC(net, {"fc1.weight": lc.ConstraintL0Pruning(5000),  # density 15 %: above the crossover
-                      "fc2.weight": lc.AdaptiveQuantization(2) + lc.ConstraintL0Pruning(10)})
+                      "fc2.weight": lc.AdaptiveQuantization(2) + lc.ConstraintL0Pruning(10),
+                      "fc3.weight": lc.AdaptiveQuantization(2) + lc.ConstraintL0Pruning(fraction=0.5)})
     specs = {}
     for t in alg.tasks:
         specs.update(task_specs(t.param_names, t.shapes, t.compression))
-    assert "fc2.weight" not in specs
-    assert compact_model(net, specs) == {}
-    assert compact_model(net, specs, sparse_density=0.2) == {"fc1": "SparseLinear"}
+    assert [p["kind"] for p in specs["fc2.weight"]["parts"]] == ["codebook", "sparse"]
+    x = torch.randn(3, 3, 8, 8)
+    with alg.compressed():
+        ref = net(x)
+    # fc3's sparse part is above the crossover, so its sum stays dense (one dense layer, not a dense part beside)
+    assert compact_model(net, specs) == {"fc2": "SumLinear"}
+    assert [type(p).__name__ for p in net.fc2.parts] == ["CodebookLinear", "SparseLinear"]
+    assert type(net.fc1) is nn.Linear and type(net.fc3) is nn.Linear
+    with alg.compressed():  # the dense layers hold Δ(Θ), as lc.load gives them
+        assert _close(net(x), ref)
+    assert compact_model(net, specs, sparse_density=0.6) == {"fc1": "SparseLinear", "fc3": "SumLinear"}
+    with torch.no_grad():
+        assert _close(net(x), ref)
 
 
 def test_compact_model_replaces_a_reused_module_everywhere():
@@ -448,7 +459,8 @@ def test_compact_layers_says_what_load_compact_builds(case, tmp_path):
         assert rows["fc2.weight"]["why"] == "3-entry codebook, 2-bit codes"
     if case == "joint_conv_sum":
         assert rows["conv.weight"]["layer"] == "dense" and "only for nn.Linear" in rows["conv.weight"]["why"]
-        assert rows["fc3.weight"]["layer"] == "dense" and "no compact form" in rows["fc3.weight"]["why"]
+        assert rows["fc3.weight"]["layer"] == "SumLinear"
+        assert rows["fc3.weight"]["why"] == "a sum: CodebookLinear + SparseLinear"
     if case == "lowrank_too_big":
         assert rows["fc3.weight"]["why"] == "rank 10: the factors' 420 weights are not fewer than the layer's 320"
         assert rows["conv.weight"]["layer"] == "LowRankConv2d"

@@ -42,7 +42,9 @@ __all__ = [
     "CodebookEmbedding",
     "CODEBOOK_TILE_WEIGHTS",
     "GroupedIntLinear",
+    "SumLinear",
     "GROUPED_TILE_WEIGHTS",
+    "GROUPED_LARGE_BATCH",
     "CACHE_MODES",
     "set_cache",
     "resident_bytes",
@@ -66,8 +68,10 @@ SPARSE_CROSSOVER_DENSITY = 0.1
 
 #: Input rows from which :class:`SparseLinear` multiplies on the CPU by weighted embedding bags (gathering whole
 #: rows of Xᵀ) instead of the CSR × dense product; one row takes the CSR matrix-vector product. Measured with
-#: ``bench/bench_compact_speed.py`` (``sparse_paths``, see ``bench/RESULTS.md``).
-SPARSE_BAG_MIN_ROWS = 4
+#: ``bench/bench_compact_speed.py`` (``sparse_paths``, 90% sparsity, 2 threads): the bags were 0.09–0.17 of the
+#: dense time from 16 rows (CSR × dense 0.22–1.6), about even with CSR × dense at 8 rows on 4096×4096 and behind
+#: it at 2–8 rows on 576→1536; at one row CSR mv was 0.33–0.55 (CSR × dense 0.63, bags 2.8–2.9).
+SPARSE_BAG_MIN_ROWS = 16
 
 _HALF = (torch.float16, torch.bfloat16)
 
@@ -587,9 +591,17 @@ class CodebookLinear(_PackedCodes):
         return f"in_features={self.in_features}, out_features={self.out_features}, k={self.k}"
 
 
-#: Weights decoded at a time by :class:`GroupedIntLinear` (a tile of rows, decoded and multiplied while it is in
-#: cache). Measured with ``bench/bench_compact_speed.py`` (see ``bench/RESULTS.md``).
+#: Weights decoded at a time by :class:`GroupedIntLinear` below :data:`GROUPED_LARGE_BATCH` input rows (a tile of
+#: rows, decoded and multiplied while it is in cache); from that many rows on, tiles are 4× larger (a product of a
+#: few rows is memory-bound, and a small tile keeps the decoded rows in cache; a product of many is compute-bound,
+#: and BLAS wants more output rows per call). Measured with ``bench/bench_compact_speed.py`` (``grouped_tiles``:
+#: int4 g64, 4096×4096, 2 threads): at batch 1 tiles of 2¹⁸ weights took 3.95× the dense time, 2¹⁹–2²⁰ 4.4×,
+#: 2¹⁶–2¹⁷ over 13× (per-op overhead), the whole weight 11×; at batch 64 tiles of 2²⁰ 1.7×, the whole weight
+#: 2.2×, 2¹⁸ 3.0×.
 GROUPED_TILE_WEIGHTS = 1 << 18
+
+#: Input rows from which :class:`GroupedIntLinear` decodes tiles of 4 × ``tile_weights`` weights.
+GROUPED_LARGE_BATCH = 16
 
 #: The top bit of every field of a byte of b-bit codes (b = 2, 4, 8): XOR-ing it turns the stored unsigned code
 #: u = q + 2^(b−1) into q's two's complement, so an arithmetic shift yields q itself.
@@ -657,7 +669,8 @@ class GroupedIntLinear(nn.Module):
       ``"weight"``: the decoded weight at the layer's dtype). Nothing else outlives a call.
 
     ``forward`` decodes the weight a tile of rows at a time into one reused buffer and multiplies each tile while
-    it is in cache (a BLAS product per tile, at every batch size). For 2-, 4- and 8-bit codes whose groups and rows
+    it is in cache (a BLAS product per tile, at every batch size; from :data:`GROUPED_LARGE_BATCH` input rows on,
+    tiles 4× larger). For 2-, 4- and 8-bit codes whose groups and rows
     are whole bytes, a tile is decoded by shifts on the packed bytes (a field of every byte at once, straight to
     the signed q for symmetric codes) with its columns permuted, and the input is permuted to match; other widths
     decode through :class:`lcompress._packed.Decoder`'s table. An asymmetric layer adds the offsets as
@@ -670,8 +683,8 @@ class GroupedIntLinear(nn.Module):
         symmetric: Δ = s·(u − 2^(b−1)) (no offsets) or s·u + m.
         bias: keep a bias.
         scale_dtype: the dtype of the scales (and offsets).
-        tile_weights: weights decoded at a time (default :data:`GROUPED_TILE_WEIGHTS`); None decodes the whole
-            weight in each call.
+        tile_weights: weights decoded at a time below :data:`GROUPED_LARGE_BATCH` input rows (default
+            :data:`GROUPED_TILE_WEIGHTS`; 4× that from there on); None decodes the whole weight in each call.
 
     Use :meth:`from_theta` to build one from a layer and its Θ.
     """
@@ -804,15 +817,18 @@ class GroupedIntLinear(nn.Module):
         x2 = x.reshape(-1, i)
         s = self.scales.to(dt)
         codes = self.cached if self.cache == "codes" else None
+        tw = self.tile_weights
+        if tw is not None and x2.shape[0] >= GROUPED_LARGE_BATCH:
+            tw *= 4
         if per:
             length = i // per
             xk = x2.reshape(-1, length, per).transpose(1, 2).reshape(-1, i)  # the tiles' column order
-            rows = o if self.tile_weights is None else max(1, self.tile_weights // max(i, 1))
+            rows = o if tw is None else max(1, tw // max(i, 1))
             packed = self.packed_codes[: o * length].view(o, length)
             dec = None
         else:
             xk, length, per = x2, i, 1
-            rows = o if self.tile_weights is None else _packed.tile_rows(i, self.tile_weights)
+            rows = o if tw is None else _packed.tile_rows(i, tw)
             table = torch.arange(1 << self.bits, dtype=dt, device=s.device)
             dec = _packed.Decoder(self.packed_codes, table - (1 << (self.bits - 1)) if self.symmetric else table,
                                   1 << self.bits)
@@ -839,6 +855,45 @@ class GroupedIntLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
                 f"group={self.group}, symmetric={self.symmetric}, scale_dtype={self.scales.dtype}, cache={self.cache!r}")
+
+
+class SumLinear(nn.Module):
+    """y = Σᵢ partᵢ(x) + b: a Linear weight compressed by a sum Δ = Σᵢ Δᵢ(Θᵢ) (:class:`lcompress.AdditiveCombination`),
+    each part held as its own compact layer without a bias (e.g. grouped ints + sparse outliers:
+    :class:`GroupedIntLinear` + :class:`SparseLinear`), so what is resident is the parts' compact forms.
+
+    Args:
+        parts: the parts' compact layers (each maps in_features → out_features, no bias).
+        in_features, out_features: the layer's sizes.
+        bias: keep a bias (added once).
+    """
+
+    def __init__(self, parts: Sequence[nn.Module], in_features: int, out_features: int, bias: bool = True) -> None:
+        super().__init__()
+        if len(parts) < 1:
+            raise ValueError("SumLinear needs at least one part")
+        self.in_features, self.out_features = int(in_features), int(out_features)
+        self.parts = nn.ModuleList(parts)
+        self.bias = nn.Parameter(torch.zeros(self.out_features)) if bias else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.parts[0](x)
+        for p in self.parts[1:]:
+            y = y + p(x)
+        return y if self.bias is None else y + self.bias
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}"
+
+
+class _LayerShape:
+    """What the compact layers' constructors read of a Linear layer (sizes, dtype, device; no bias), without a
+    dense weight: the stand-in for a part of a sum."""
+
+    def __init__(self, mod: nn.Module) -> None:
+        self.in_features, self.out_features, self.bias = mod.in_features, mod.out_features, None
+        w = mod.weight
+        self.weight = torch.zeros((), dtype=w.dtype, device=w.device).expand(w.shape)
 
 
 def _conv_padding(padding, kernel_size, dilation) -> list[int]:
@@ -998,8 +1053,9 @@ def task_specs(
 
     The compression's codec (:mod:`lcompress.codecs`) says what its Θ becomes: a codebook layer per parameter
     (a joint task's layers share one codebook tensor), a sparse layer per parameter (a joint support split by
-    parameter), a low-rank pair for one matrix or conv weight; nothing for a sum or a rank selection's dense
-    choice, whose layers stay dense with Δ(Θ) as their weight.
+    parameter), a low-rank pair for one matrix or conv weight, grouped integers for one matrix, a sum of the
+    parts' forms for one weight whose every part has one; nothing for a rank selection's dense choice (or a joint
+    sum), whose layers stay dense with Δ(Θ) as their weight.
 
     Args:
         param_names: the task's parameters in task order.
@@ -1038,7 +1094,9 @@ def compact_model(
       and, for a conv, ``groups == 1``);
     * sparse → :class:`SparseLinear` when the density is below ``sparse_density``;
     * grouped integers (``{"kind": "groupedint", "codes", "scales", "mins"?, "bits", "group", "symmetric"}``) of
-      an ``nn.Linear`` → :class:`GroupedIntLinear`.
+      an ``nn.Linear`` → :class:`GroupedIntLinear`;
+    * a sum (``{"kind": "sum", "parts": [spec, ...]}``) of an ``nn.Linear`` whose every part has a compact layer by
+      the rules above → :class:`SumLinear` of those layers.
 
     Any other layer keeps its dense weight (load Δ(Θ) into the model first, as :func:`lcompress.load` does).
     Biases are copied from the layers. A module that appears at several places is replaced at each.
@@ -1115,6 +1173,16 @@ def _compact_choice(
             return None, f"max_norm={max_norm} renormalizes the table in place"
         return CodebookEmbedding, f"a {int(spec['codebook'].shape[-1])}-entry codebook per row"
     linear = owner is nn.Linear
+    if kind == "sum":
+        if not linear:
+            return None, "a sum has a compact layer only for nn.Linear"
+        names = []
+        for j, part in enumerate(spec["parts"]):
+            cls, why = _compact_choice(owner, part, numel, sparse_density)
+            if cls is None:
+                return None, f"a sum whose part {j} has no compact layer ({why})"
+            names.append(cls.__name__)
+        return SumLinear, "a sum: " + " + ".join(names)
     if kind == "groupedint":
         form = f"{spec['bits']}-bit codes in groups of {spec['group']}" + ("" if spec["symmetric"] else ", with offsets")
         if not linear:
@@ -1176,7 +1244,8 @@ def describe_compact(
 
 
 def _compact_layer(mod: nn.Module, spec: Mapping[str, Any], sparse_density: float, pname: str) -> nn.Module | None:
-    cls, why = _compact_choice(type(mod), spec, mod.weight.numel(), sparse_density,
+    owner = nn.Linear if isinstance(mod, _LayerShape) else type(mod)
+    cls, why = _compact_choice(owner, spec, mod.weight.numel(), sparse_density,
                                groups=getattr(mod, "groups", 1), max_norm=getattr(mod, "max_norm", None))
     if cls is None:
         logger.info("compact_model: %s kept dense: %s", pname, why)
@@ -1185,6 +1254,11 @@ def _compact_layer(mod: nn.Module, spec: Mapping[str, Any], sparse_density: floa
         return CodebookEmbedding.from_codes(mod, spec["codebook"], spec["codes"])
     if cls is GroupedIntLinear:
         return GroupedIntLinear.from_theta(mod, spec, spec["bits"], spec["group"], spec["symmetric"])
+    if cls is SumLinear:
+        shape = _LayerShape(mod)
+        parts = [_compact_layer(shape, part, sparse_density, f"{pname} (part {j})") for j, part in enumerate(spec["parts"])]
+        return SumLinear(parts, mod.in_features, mod.out_features, bias=mod.bias is not None).to(
+            mod.weight.device, mod.weight.dtype)
     if cls in (CodebookLinear, CodebookConv2d):
         return cls.from_codes(mod, spec["codebook"], spec["codes"])
     if cls is LowRankLinear:
