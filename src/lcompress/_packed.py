@@ -161,9 +161,10 @@ class Decoder:
     def values(self, start: int, count: int, out: Tensor | None = None) -> Tensor:
         """codebook[codes[start : start + count]] as a flat tensor; ``start`` must be a multiple of 8.
 
-        ``out``: a contiguous tensor of ``count`` elements at the codebook's dtype to decode into (a caller decoding
-        tile after tile reuses one: a fresh multi-MB tensor per tile costs its page faults, measured at about half
-        of the decode time in ``bench/bench_compact_speed.py``); returned, viewed flat."""
+        ``out``: a contiguous tensor of ``count`` elements at the codebook's dtype to decode into, returned viewed
+        flat. A caller decoding tile after tile reuses one: a fresh multi-MB tensor per tile costs its page faults
+        (measured on this 2-core VM, 1 thread: gathering 2²⁰ table rows of 4 floats took 5.8 ms into a fresh tensor,
+        3.2 ms into a reused one)."""
         w = self.w
         if out is not None:
             out = out.view(-1)

@@ -44,7 +44,6 @@ __all__ = [
     "GroupedIntLinear",
     "SumLinear",
     "GROUPED_TILE_WEIGHTS",
-    "GROUPED_LARGE_BATCH",
     "CACHE_MODES",
     "set_cache",
     "resident_bytes",
@@ -591,17 +590,14 @@ class CodebookLinear(_PackedCodes):
         return f"in_features={self.in_features}, out_features={self.out_features}, k={self.k}"
 
 
-#: Weights decoded at a time by :class:`GroupedIntLinear` below :data:`GROUPED_LARGE_BATCH` input rows (a tile of
-#: rows, decoded and multiplied while it is in cache); from that many rows on, tiles are 4× larger (a product of a
-#: few rows is memory-bound, and a small tile keeps the decoded rows in cache; a product of many is compute-bound,
-#: and BLAS wants more output rows per call). Measured with ``bench/bench_compact_speed.py`` (``grouped_tiles``:
-#: int4 g64, 4096×4096, 2 threads): at batch 1 tiles of 2¹⁸ weights took 3.95× the dense time, 2¹⁹–2²⁰ 4.4×,
-#: 2¹⁶–2¹⁷ over 13× (per-op overhead), the whole weight 11×; at batch 64 tiles of 2²⁰ 1.7×, the whole weight
-#: 2.2×, 2¹⁸ 3.0×.
-GROUPED_TILE_WEIGHTS = 1 << 18
-
-#: Input rows from which :class:`GroupedIntLinear` decodes tiles of 4 × ``tile_weights`` weights.
-GROUPED_LARGE_BATCH = 16
+#: Weights decoded at a time by :class:`GroupedIntLinear` (a tile of rows, decoded into one reused buffer and
+#: multiplied while it is in cache). Measured with ``bench/bench_compact_speed.py`` (``grouped_tiles``: int4 g64,
+#: 4096×4096, 15 interleaved repeats, load average 3.5–4 on the 2 cores): at batch 1 tiles of 2²⁰ weights took
+#: 4.3× (1 thread) and 3.3× (2 threads) the dense time, 2¹⁸ 5.6×, 2¹⁶ 9–13× (each tile's dozen ops cost their
+#: per-op overhead), the whole weight 15–28× (a fresh 64 MB tensor a call); at batch 64 tiles of 2¹⁷–2²⁰ were
+#: within noise of each other (1.06–1.28×) and the whole weight 2.2–2.5×. Tiles beat decoding the whole weight at
+#: every batch size measured, so there is no batch size from which the layer decodes it whole.
+GROUPED_TILE_WEIGHTS = 1 << 20
 
 #: The top bit of every field of a byte of b-bit codes (b = 2, 4, 8): XOR-ing it turns the stored unsigned code
 #: u = q + 2^(b−1) into q's two's complement, so an arithmetic shift yields q itself.
@@ -669,8 +665,8 @@ class GroupedIntLinear(nn.Module):
       ``"weight"``: the decoded weight at the layer's dtype). Nothing else outlives a call.
 
     ``forward`` decodes the weight a tile of rows at a time into one reused buffer and multiplies each tile while
-    it is in cache (a BLAS product per tile, at every batch size; from :data:`GROUPED_LARGE_BATCH` input rows on,
-    tiles 4× larger). For 2-, 4- and 8-bit codes whose groups and rows
+    it is in cache (a BLAS product per tile, at every batch size: tiles measured faster than decoding the whole
+    weight at batch 1 and 64 alike, see :data:`GROUPED_TILE_WEIGHTS`). For 2-, 4- and 8-bit codes whose groups and rows
     are whole bytes, a tile is decoded by shifts on the packed bytes (a field of every byte at once, straight to
     the signed q for symmetric codes) with its columns permuted, and the input is permuted to match; other widths
     decode through :class:`lcompress._packed.Decoder`'s table. An asymmetric layer adds the offsets as
@@ -683,8 +679,8 @@ class GroupedIntLinear(nn.Module):
         symmetric: Δ = s·(u − 2^(b−1)) (no offsets) or s·u + m.
         bias: keep a bias.
         scale_dtype: the dtype of the scales (and offsets).
-        tile_weights: weights decoded at a time below :data:`GROUPED_LARGE_BATCH` input rows (default
-            :data:`GROUPED_TILE_WEIGHTS`; 4× that from there on); None decodes the whole weight in each call.
+        tile_weights: weights decoded at a time (default :data:`GROUPED_TILE_WEIGHTS`); None decodes the whole
+            weight in each call.
 
     Use :meth:`from_theta` to build one from a layer and its Θ.
     """
@@ -818,8 +814,6 @@ class GroupedIntLinear(nn.Module):
         s = self.scales.to(dt)
         codes = self.cached if self.cache == "codes" else None
         tw = self.tile_weights
-        if tw is not None and x2.shape[0] >= GROUPED_LARGE_BATCH:
-            tw *= 4
         if per:
             length = i // per
             xk = x2.reshape(-1, length, per).transpose(1, 2).reshape(-1, i)  # the tiles' column order
